@@ -1,0 +1,104 @@
+"""Samples/s of a full cryopick training step vs the same step on pre-made tensors.
+
+Not a test: prints figures. "Full" = sample a P:U batch from the in-memory dataset, weak + strong
+augmentation on the training device, student forward (P weak, U weak, U strong), EMA-teacher forward,
+all loss terms, backward, optimizer step, EMA update. "Pre-made" = the same step on fixed, already
+augmented tensors. Their ratio is the data + augmentation overhead (goal ≤ 1.1).
+
+    python benchmarks/train_speed.py --backbone resnet8 --steps 20
+    python benchmarks/train_speed.py --backbone resnet18 --device cuda --steps 200   # GPU, bf16 AMP
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from cryopick.config import TrainConfig
+from cryopick.data import PUBatchSampler, batch_composition
+from cryopick.ema import EMATeacher
+from cryopick.model import PatchClassifier
+from cryopick.train import make_optimizer, make_views, optimisation_step, resolve_device, step_loss, to_input
+
+
+def run(backbone: str, device: torch.device, steps: int, batch: int, amp: bool, compile_model: bool) -> dict:
+    cfg = TrainConfig()
+    cfg.model.backbone, cfg.data.batch_size = backbone, batch
+    on_cuda = device.type == "cuda"
+    channels_last = on_cuda
+    model = PatchClassifier(backbone, cfg.model.dropout).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    teacher = EMATeacher(model, cfg.model.ema_decay)
+    opt = make_optimizer(model, cfg)
+    fwd = torch.compile(model) if compile_model else model
+    n_p, n_u = batch_composition(batch, cfg.data.batch_ratio)
+    pos = torch.randn(2000, 128, 128, device=device).half()
+    unl = torch.randn(8000, 128, 128, device=device).half()
+    sampler = PUBatchSampler(len(pos), len(unl), n_p, n_u, seed=0, steps_per_epoch=steps * 4)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if (amp and on_cuda) else torch.autocast("cpu", enabled=False)
+
+    def sync():
+        if on_cuda:
+            torch.cuda.synchronize()
+
+    batches = sampler.epoch(0)
+
+    def full_step():
+        ip, iu = next(batches)
+        xp = to_input(pos[ip.to(device)], channels_last)
+        xu = to_input(unl[iu.to(device)], channels_last)
+        views = make_views(xp, xu, cfg, 8.0, gen)
+        loss, _ = step_loss(fwd, teacher.module, views, cfg, 0.3, 15.0, autocast)
+        optimisation_step(loss, opt, teacher, model)
+
+    ip, iu = next(batches)
+    fixed = make_views(to_input(pos[ip.to(device)], channels_last), to_input(unl[iu.to(device)], channels_last),
+                       cfg, 8.0, gen)
+
+    def premade_step():
+        loss, _ = step_loss(fwd, teacher.module, fixed, cfg, 0.3, 15.0, autocast)
+        optimisation_step(loss, opt, teacher, model)
+
+    out = {}
+    for name, fn in (("premade", premade_step), ("full", full_step), ("premade2", premade_step), ("full2", full_step)):
+        for _ in range(max(3, steps // 10)):  # warm-up (cudnn autotune, compile)
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        out[name] = steps * batch / (time.perf_counter() - t0)
+    # interleaved twice so drift (thermal, other load) hits both; keep the better of each
+    return {"full": max(out["full"], out["full2"]), "premade": max(out["premade"], out["premade2"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", nargs="+", default=["resnet8"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--no-amp", action="store_true")
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    torch.backends.cudnn.benchmark = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"machine: {platform.node()}, device: {name}, batch {args.batch_size} (P:U 1:4), "
+          f"AMP {'bf16' if device.type == 'cuda' and not args.no_amp else 'off'}")
+    print(f"{'backbone':10s}{'full samples/s':>16s}{'pre-made samples/s':>20s}{'ratio':>8s}")
+    for backbone in args.backbone:
+        r = run(backbone, device, args.steps, args.batch_size, not args.no_amp, args.compile)
+        print(f"{backbone:10s}{r['full']:16.1f}{r['premade']:20.1f}{r['premade'] / r['full']:8.3f}")
+
+
+if __name__ == "__main__":
+    main()

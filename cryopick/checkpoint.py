@@ -1,0 +1,78 @@
+"""Checkpoints: plain dicts of tensors and primitives, loadable with ``weights_only=True``.
+
+A checkpoint records everything ``pick`` needs: model spec and weights (student and EMA teacher),
+the resolved training config, the dataset's preprocessing record, the code version and metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cryopick import __version__
+from cryopick.errors import CryopickError
+from cryopick.fsutil import save_torch_atomic
+from cryopick.model import PatchClassifier, build_model
+from cryopick.preprocessing import PreprocessRecord
+
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(path: str | Path, *, model_spec: dict, model_state: dict, ema_state: dict | None,
+                    config: dict, preprocess: dict, metrics: dict | None = None, epoch: int = 0,
+                    step: int = 0, training_state: dict | None = None) -> None:
+    """Write atomically; ``training_state`` (optimizer, scheduler, RNG) makes ``--resume`` exact."""
+    payload = {
+        "format": "cryopick-checkpoint",
+        "format_version": CHECKPOINT_FORMAT,
+        "cryopick_version": __version__,
+        "model_spec": dict(model_spec),
+        "model_state": model_state,
+        "ema_state": ema_state,
+        "config": config,
+        "preprocess": dict(preprocess),
+        "metrics": metrics or {},
+        "epoch": int(epoch),
+        "step": int(step),
+        "training_state": training_state,
+    }
+    save_torch_atomic(path, payload)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate a checkpoint; a clear error for missing, corrupt or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CryopickError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or unsafe files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CryopickError(f"{path}: not a readable cryopick checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "cryopick-checkpoint":
+        raise CryopickError(f"{path}: not a cryopick checkpoint")
+    version = ckpt.get("format_version")
+    if version != CHECKPOINT_FORMAT:
+        raise CryopickError(
+            f"{path}: checkpoint format {version} is not supported by cryopick {__version__} "
+            f"(reads format {CHECKPOINT_FORMAT}); retrain or use the cryopick version that wrote it "
+            f"({ckpt.get('cryopick_version', 'unknown')})"
+        )
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> PatchClassifier:
+    """The network in eval mode, with the EMA teacher's weights when present (what training evaluated)."""
+    model = build_model(ckpt["model_spec"])
+    state = ckpt["ema_state"] if (use_ema and ckpt.get("ema_state")) else ckpt["model_state"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CryopickError(f"checkpoint weights do not match its model spec {ckpt['model_spec']}: {exc}") from None
+    return model.eval()
+
+
+def preprocess_from_checkpoint(ckpt: dict) -> PreprocessRecord:
+    return PreprocessRecord.from_dict(ckpt["preprocess"])

@@ -1,0 +1,587 @@
+"""Pick evaluation: one-to-one matching of picks to reference coordinates, precision/recall/AP, ROC AUC.
+
+Conventions used throughout (they are what ``cryopick evaluate`` reports):
+
+- A pick matches a reference when their centres are at most ``radius`` pixels apart (inclusive) and the
+  one-to-one assignment pairs them. A reference is matched at most once, so duplicate picks on one
+  particle count as one true positive and the rest as false positives.
+- Ranking is by score, descending; picks with equal scores form one group (one point of the curve).
+  Picks without a score (NaN, e.g. from ``.box`` files) rank below every scored pick, tied together.
+- A threshold keeps picks with ``score >= threshold``.
+- Ratios whose denominator is zero are NaN (written as ``null`` in JSON and empty in CSV), except
+  F1 = 2·TP / (n_picks + n_truth), which is defined whenever there are picks or references.
+- Average precision is the non-interpolated sum over ranked groups of (R_k − R_{k−1})·P_k with R_0 = 0
+  (the area under the step-wise precision-recall curve, as Topaz's ``auprc`` and scikit-learn's
+  ``average_precision_score``); recall the picks never reach adds nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from cryopick.errors import CryopickError
+from cryopick.fsutil import atomic_path, write_json_atomic
+
+MATCH_METHODS = ("hungarian", "greedy")
+RESULT_COLUMNS = ["name", "n_picks", "n_truth", "n_matched", "precision", "recall", "f1", "ap"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Matching picks to references
+# ----------------------------------------------------------------------------------------------------------
+
+def _as_xy(points: np.ndarray, what: str) -> np.ndarray:
+    xy = np.asarray(points, dtype=np.float64)
+    if xy.size == 0:
+        return xy.reshape(0, 2)
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise ValueError(f"{what} must be an (N, 2) array of x, y centres, got shape {xy.shape}")
+    return xy
+
+
+def _rank_key(scores: np.ndarray) -> np.ndarray:
+    """Scores as ranking keys: a missing score (NaN) ranks below every real score."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return np.where(np.isnan(scores), -np.inf, scores)
+
+
+def _score_ranks(scores: np.ndarray) -> np.ndarray:
+    """Dense rank per pick, 0 = highest score; equal scores share a rank."""
+    _, inverse = np.unique(-_rank_key(scores), return_inverse=True)
+    return inverse.reshape(-1)
+
+
+def _pairs_within(picks_xy: np.ndarray, truth_xy: np.ndarray, radius: float):
+    """All (pick, reference, distance) pairs with distance <= radius."""
+    from scipy.spatial import cKDTree
+
+    pairs = cKDTree(picks_xy).sparse_distance_matrix(cKDTree(truth_xy), radius, output_type="ndarray")
+    return pairs["i"].astype(np.int64), pairs["j"].astype(np.int64), pairs["v"].astype(np.float64)
+
+
+def _match_greedy(pick_idx, ref_idx, dist, ranks, n_picks: int, n_truth: int) -> np.ndarray:
+    """Picks in descending score order take the nearest free reference.
+
+    Candidate pairs are taken in order of (pick score descending, distance, pick index, reference index), so
+    among equally scored picks the closest pair goes first, whatever the input order.
+    """
+    matched = np.zeros(n_picks, dtype=bool)
+    taken = np.zeros(n_truth, dtype=bool)
+    order = np.lexsort((ref_idx, pick_idx, dist, ranks[pick_idx]))
+    for p, r in zip(pick_idx[order], ref_idx[order]):
+        if not matched[p] and not taken[r]:
+            matched[p] = taken[r] = True
+    return matched
+
+
+def _assignment_costs(local_ranks: np.ndarray, dist: np.ndarray, radius: float, k: int) -> np.ndarray:
+    """Costs whose minimum-sum assignment is lexicographic: most matches, then best-ranked picks, then closest.
+
+    A match costs −1; the rank term of all matches together stays below one match (``b·k·max_rank < 1``) and
+    the distance term of all matches together below one rank step (``c·k < b``).
+    """
+    b = 1.0 / (k * (int(local_ranks.max()) + 1) + 1)
+    c = b / (k + 1)
+    return -1.0 + b * local_ranks + c * (dist / radius)
+
+
+def _match_hungarian(pick_idx, ref_idx, dist, ranks, n_picks: int, n_truth: int, radius: float) -> np.ndarray:
+    """Maximum one-to-one matching, solved per connected group of picks and references."""
+    from scipy.optimize import linear_sum_assignment
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    matched = np.zeros(n_picks, dtype=bool)
+    n_nodes = n_picks + n_truth
+    graph = coo_matrix((np.ones(len(pick_idx)), (pick_idx, n_picks + ref_idx)), shape=(n_nodes, n_nodes))
+    _, component = connected_components(graph, directed=False)
+    edge_component = component[pick_idx]
+    order = np.argsort(edge_component, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(edge_component[order]) != 0])
+    for edges in np.split(order, starts[1:]):
+        if len(edges) == 1:  # the common case: one pick near one reference, nothing to decide
+            matched[pick_idx[edges[0]]] = True
+            continue
+        rows, row_of_edge = np.unique(pick_idx[edges], return_inverse=True)
+        cols, col_of_edge = np.unique(ref_idx[edges], return_inverse=True)
+        _, local_ranks = np.unique(ranks[rows], return_inverse=True)
+        k = min(len(rows), len(cols))
+        # Pairs beyond the radius cost 0, the same as leaving both unmatched, so they are never preferred
+        # and are dropped after solving.
+        cost = np.zeros((len(rows), len(cols)))
+        allowed = np.zeros((len(rows), len(cols)), dtype=bool)
+        cost[row_of_edge, col_of_edge] = _assignment_costs(local_ranks[row_of_edge], dist[edges], radius, k)
+        allowed[row_of_edge, col_of_edge] = True
+        r, c = linear_sum_assignment(cost)
+        matched[rows[r[allowed[r, c]]]] = True
+    return matched
+
+
+def _check_matching(radius: float, method: str) -> None:
+    if method not in MATCH_METHODS:
+        raise CryopickError(f"unknown matching method {method!r}; choose one of {', '.join(MATCH_METHODS)}")
+    if not (isinstance(radius, (int, float, np.number)) and math.isfinite(radius) and radius > 0):
+        raise CryopickError(f"the matching radius must be a positive number of pixels, got {radius!r}")
+
+
+def match_picks(picks_xy: np.ndarray, scores: np.ndarray, truth_xy: np.ndarray, radius: float,
+                method: str = "hungarian") -> np.ndarray:
+    """Boolean array over picks: True where the pick is matched one-to-one to a reference within ``radius`` px.
+
+    ``hungarian`` maximises the number of matched pairs with ``scipy.optimize.linear_sum_assignment``, as
+    Topaz ``precision_recall_curve`` does (Topaz minimises the sum of d² − r², which may trade a match for a
+    closer pair; here the count always comes first); among maximum matchings it prefers higher-scored picks,
+    then shorter distances. ``greedy`` lets picks in descending score order take the nearest free reference
+    (COCO-style). Both are deterministic.
+    """
+    _check_matching(radius, method)
+    picks_xy = _as_xy(picks_xy, "picks_xy")
+    truth_xy = _as_xy(truth_xy, "truth_xy")
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(scores) != len(picks_xy):
+        raise ValueError(f"{len(scores)} scores for {len(picks_xy)} picks")
+    n_picks, n_truth = len(picks_xy), len(truth_xy)
+    if n_picks == 0 or n_truth == 0:
+        return np.zeros(n_picks, dtype=bool)
+    pick_idx, ref_idx, dist = _pairs_within(picks_xy, truth_xy, radius)
+    if len(pick_idx) == 0:
+        return np.zeros(n_picks, dtype=bool)
+    ranks = _score_ranks(scores)
+    if method == "greedy":
+        return _match_greedy(pick_idx, ref_idx, dist, ranks, n_picks, n_truth)
+    return _match_hungarian(pick_idx, ref_idx, dist, ranks, n_picks, n_truth, radius)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ranking metrics
+# ----------------------------------------------------------------------------------------------------------
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator) / float(denominator) if denominator else math.nan
+
+
+def _f1(n_matched: int, n_picks: int, n_truth: int) -> float:
+    return _ratio(2 * n_matched, n_picks + n_truth)
+
+
+def precision_recall_curve(scores: np.ndarray, matched: np.ndarray,
+                           n_truth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, thresholds), one point per group of equal scores, highest score first.
+
+    Point k counts the picks with ``score >= thresholds[k]``; recall divides by ``n_truth`` (all references,
+    found or not), so it is NaN when there are none.
+    """
+    key = _rank_key(scores).reshape(-1)
+    hits = np.asarray(matched, dtype=bool).reshape(-1)
+    if len(key) != len(hits):
+        raise ValueError(f"{len(key)} scores for {len(hits)} match flags")
+    if int(hits.sum()) > n_truth:
+        raise ValueError(f"{int(hits.sum())} matched picks but only {n_truth} references")
+    if len(key) == 0:
+        empty = np.zeros(0)
+        return empty, empty.copy(), empty.copy()
+    order = np.argsort(-key, kind="stable")
+    sorted_key = key[order]
+    group_end = np.r_[sorted_key[1:] != sorted_key[:-1], True]
+    true_pos = np.cumsum(hits[order])[group_end].astype(np.float64)
+    n_kept = (np.flatnonzero(group_end) + 1).astype(np.float64)
+    precision = true_pos / n_kept
+    recall = true_pos / n_truth if n_truth > 0 else np.full(len(true_pos), np.nan)
+    return precision, recall, sorted_key[group_end]
+
+
+def average_precision(precision: np.ndarray, recall: np.ndarray) -> float:
+    """Non-interpolated AP: sum over curve points of (R_k − R_{k−1})·P_k with R_0 = 0.
+
+    Example: ranking [TP, FP, TP] with 3 references gives (1/3)·1 + 0·(1/2) + (1/3)·(2/3) = 0.5556.
+    An empty curve (no picks) gives 0.
+    """
+    precision = np.asarray(precision, dtype=np.float64)
+    recall = np.asarray(recall, dtype=np.float64)
+    if len(precision) != len(recall):
+        raise ValueError(f"{len(precision)} precision values for {len(recall)} recall values")
+    if len(recall) == 0:
+        return 0.0
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def _f1_curve(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
+    f1[np.isnan(total)] = np.nan  # no references: recall, hence F1, undefined
+    return f1
+
+
+def best_f1(precision: np.ndarray, recall: np.ndarray, thresholds: np.ndarray) -> tuple[float, float]:
+    """(best F1 over the curve, its threshold); the highest threshold wins ties; (0, NaN) for an empty curve."""
+    precision = np.asarray(precision, dtype=np.float64)
+    recall = np.asarray(recall, dtype=np.float64)
+    index = _best_f1_index(precision, recall)
+    if index is None:
+        return (0.0, math.nan) if len(precision) == 0 else (math.nan, math.nan)
+    return float(_f1_curve(precision, recall)[index]), float(np.asarray(thresholds)[index])
+
+
+def _best_f1_index(precision: np.ndarray, recall: np.ndarray) -> int | None:
+    f1 = _f1_curve(precision, recall)
+    if len(f1) == 0 or np.all(np.isnan(f1)):
+        return None
+    return int(np.nanargmax(f1))
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic: P(score_pos > score_neg) + 0.5·P(tie); NaN if a class is missing."""
+    from scipy.stats import rankdata
+
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(bool)
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores for {len(labels)} labels")
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(scores)  # average ranks: a tied positive/negative pair counts one half
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def binary_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float | int]:
+    """Classifier metrics at ``probs >= threshold``: auc, precision, recall, f1, accuracy, n_pos, n_neg."""
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(bool)
+    predicted = probs >= threshold
+    true_pos = int(np.sum(predicted & labels))
+    n_pos = int(labels.sum())
+    return {
+        "auc": roc_auc(probs, labels),
+        "precision": _ratio(true_pos, int(predicted.sum())),
+        "recall": _ratio(true_pos, n_pos),
+        "f1": _f1(true_pos, int(predicted.sum()), n_pos),
+        "accuracy": _ratio(int(np.sum(predicted == labels)), len(labels)),
+        "n_pos": n_pos,
+        "n_neg": len(labels) - n_pos,
+    }
+
+
+def pu_corrected_auc(auc_pu: float, prior: float) -> float:
+    """AUC against true negatives from the AUC of labelled positives vs unlabelled data.
+
+    The unlabelled set holds a fraction π of positives, which score like positives (AUC 1/2 against them),
+    so AUC_PU = π/2 + (1 − π)·AUC_PN, hence AUC_PN = (AUC_PU − π/2)/(1 − π) (Menon et al. 2015; Kiryo 2017).
+    """
+    if not (0.0 <= prior < 1.0):
+        raise CryopickError(f"the class prior must lie in [0, 1), got {prior}")
+    return (auc_pu - prior / 2.0) / (1.0 - prior)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-micrograph and pooled evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class MicrographResult:
+    """Counts at the threshold and AP over all picks of one micrograph."""
+
+    name: str
+    n_picks: int
+    n_truth: int
+    n_matched: int
+    precision: float
+    recall: float
+    f1: float
+    ap: float
+
+
+def _json_value(value: Any) -> Any:
+    """Plain JSON: numpy scalars to Python, NaN/inf to null (strict JSON has neither)."""
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+@dataclass
+class EvaluationReport:
+    """Per-micrograph results, pooled metrics and the pooled precision-recall curve."""
+
+    per_micrograph: list[MicrographResult]
+    overall: dict[str, Any]
+    curve: tuple[np.ndarray, np.ndarray, np.ndarray]
+    skipped: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        precision, recall, thresholds = self.curve
+        return _json_value({
+            "overall": self.overall,
+            "per_micrograph": [asdict(r) for r in self.per_micrograph],
+            "curve": {"threshold": thresholds, "precision": precision, "recall": recall},
+            "skipped": list(self.skipped),
+        })
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per evaluated micrograph (the pooled numbers are in ``overall`` / the JSON report)."""
+        return pd.DataFrame([asdict(r) for r in self.per_micrograph], columns=RESULT_COLUMNS)
+
+
+def _table_xy(table: pd.DataFrame, name: str, what: str) -> np.ndarray:
+    missing = [c for c in ("x", "y") if c not in table.columns]
+    if missing:
+        raise CryopickError(f"{what} of micrograph {name} have no {'/'.join(missing)} column")
+    return table[["x", "y"]].to_numpy(dtype=np.float64)
+
+
+def _table_scores(table: pd.DataFrame) -> np.ndarray:
+    if "score" not in table.columns:
+        return np.full(len(table), np.nan)
+    return table["score"].to_numpy(dtype=np.float64)
+
+
+def _kept_by_threshold(scores: np.ndarray, threshold: float | None, name: str) -> np.ndarray:
+    if threshold is None:
+        return np.ones(len(scores), dtype=bool)
+    if np.isnan(scores).any():
+        raise CryopickError(f"picks of micrograph {name} have no scores, so a threshold cannot be applied; "
+                            f"evaluate without a threshold")
+    return scores >= threshold
+
+
+@dataclass
+class _MicrographOutcome:
+    result: MicrographResult
+    scores: np.ndarray  # all picks, for the pooled curve
+    matched: np.ndarray
+
+
+def _evaluate_micrograph(name: str, picks: pd.DataFrame | None, truth: pd.DataFrame, radius: float,
+                         threshold: float | None, method: str) -> _MicrographOutcome:
+    picks = picks if picks is not None else pd.DataFrame({"x": [], "y": [], "score": []})
+    picks_xy = _table_xy(picks, name, "picks")
+    truth_xy = _table_xy(truth, name, "reference coordinates")
+    scores = _table_scores(picks)
+    matched = match_picks(picks_xy, scores, truth_xy, radius, method)
+    kept = _kept_by_threshold(scores, threshold, name)
+    # At a threshold, match as if the pick file had been filtered first: with Hungarian matching a reference
+    # taken by a discarded pick must be free for a kept one.
+    matched_kept = matched if kept.all() else match_picks(picks_xy[kept], scores[kept], truth_xy, radius, method)
+    n_picks, n_truth, n_matched = int(kept.sum()), len(truth_xy), int(matched_kept.sum())
+    precision, recall, _ = precision_recall_curve(scores, matched, n_truth)
+    result = MicrographResult(
+        name=name, n_picks=n_picks, n_truth=n_truth, n_matched=n_matched,
+        precision=_ratio(n_matched, n_picks), recall=_ratio(n_matched, n_truth),
+        f1=_f1(n_matched, n_picks, n_truth),
+        ap=average_precision(precision, recall) if n_truth else math.nan,
+    )
+    return _MicrographOutcome(result, scores, matched)
+
+
+def _overall(results: list[MicrographResult], curve, radius: float, threshold: float | None,
+             method: str) -> dict[str, Any]:
+    n_picks = sum(r.n_picks for r in results)
+    n_truth = sum(r.n_truth for r in results)
+    n_matched = sum(r.n_matched for r in results)
+    precision, recall, thresholds = curve
+    top_f1, top_threshold = best_f1(precision, recall, thresholds)
+    return {
+        "precision": _ratio(n_matched, n_picks),
+        "recall": _ratio(n_matched, n_truth),
+        "f1": _f1(n_matched, n_picks, n_truth),
+        "ap": average_precision(precision, recall) if n_truth else math.nan,
+        "best_f1": top_f1,
+        "best_threshold": top_threshold,
+        "n_picks": n_picks,
+        "n_truth": n_truth,
+        "n_matched": n_matched,
+        "n_micrographs": len(results),
+        "radius": float(radius),
+        "threshold": None if threshold is None else float(threshold),
+        "method": method,
+    }
+
+
+def evaluate_coordinates(picks: dict[str, pd.DataFrame], truth: dict[str, pd.DataFrame], radius: float,
+                         threshold: float | None = None, method: str = "hungarian") -> EvaluationReport:
+    """Evaluate picks against references, both keyed by the same micrograph names (columns x, y[, score]).
+
+    Every micrograph in ``truth`` is evaluated, even one whose reference table is empty (its picks are then
+    all false positives); one without picks counts all its references as misses. Picks of micrographs absent
+    from ``truth`` are not evaluated and are listed in ``skipped``. Pooled metrics rank all picks together,
+    with recall over all references; ``threshold=None`` counts every pick.
+    """
+    _check_matching(radius, method)
+    if threshold is not None and math.isnan(threshold):
+        raise CryopickError("the score threshold must be a number, got NaN")
+    outcomes = [_evaluate_micrograph(name, picks.get(name), truth[name], radius, threshold, method)
+                for name in sorted(truth)]
+    results = [o.result for o in outcomes]
+    all_scores = np.concatenate([o.scores for o in outcomes]) if outcomes else np.zeros(0)
+    all_matched = np.concatenate([o.matched for o in outcomes]) if outcomes else np.zeros(0, dtype=bool)
+    curve = precision_recall_curve(all_scores, all_matched, sum(r.n_truth for r in results))
+    skipped = [f"{name}: no reference coordinates" for name in sorted(set(picks) - set(truth))]
+    return EvaluationReport(results, _overall(results, curve, radius, threshold, method), curve, skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading coordinate files and pairing picks with references
+# ----------------------------------------------------------------------------------------------------------
+
+def _table_name(table) -> str:
+    """The name a table is matched by: the micrograph named inside the file, else the file's own path."""
+    return table.micrograph if table.micrograph is not None else str(table.source)
+
+
+def _collect_tables(tables: Iterable, what: str) -> tuple[dict[str, pd.DataFrame], dict[str, Path]]:
+    """Coordinates per name, and the file each came from; refuses one micrograph spread over two files."""
+    frames: dict[str, list[pd.DataFrame]] = {}
+    sources: dict[str, Path] = {}
+    seen: set[tuple[Path, str | None]] = set()
+    for table in tables:
+        identity = (Path(table.source).resolve(), table.micrograph)
+        if identity in seen:  # the same file reached twice (e.g. also through a RELION suffix node)
+            continue
+        seen.add(identity)
+        name = _table_name(table)
+        if name in sources and sources[name].resolve() != identity[0]:
+            raise CryopickError(f"{what}: both {sources[name]} and {table.source} hold coordinates for "
+                                f"micrograph {name}; give one file per micrograph")
+        sources[name] = Path(table.source)
+        frames.setdefault(name, []).append(table.coords)
+    return {n: pd.concat(f, ignore_index=True) if len(f) > 1 else f[0] for n, f in frames.items()}, sources
+
+
+def _display_names(names: list[str]) -> dict[str, str]:
+    """Short report names (the micrograph stem), the full name where two stems would collide."""
+    from cryopick.io.micrographs import micrograph_stem
+
+    stems = {name: micrograph_stem(name) for name in names}
+    counts: dict[str, int] = {}
+    for stem in stems.values():
+        counts[stem] = counts.get(stem, 0) + 1
+    return {name: stem if counts[stem] == 1 else name for name, stem in stems.items()}
+
+
+def _pair_picks_with_truth(picks: dict[str, pd.DataFrame], pick_sources: dict[str, Path],
+                           truth_names: list[str]) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """Re-key picks by the reference name each belongs to; unmatched pick sets are reported, not used."""
+    from cryopick.io.matching import match_name
+
+    paired: dict[str, pd.DataFrame] = {}
+    paired_from: dict[str, str] = {}
+    unmatched: list[str] = []
+    for name in sorted(picks):
+        index = match_name(name, truth_names)
+        if index is None:
+            where = str(pick_sources[name])
+            unmatched.append(f"{where}: no reference coordinates match "
+                             + ("this file" if name == where else f"micrograph {name}"))
+            continue
+        target = truth_names[index]
+        if target in paired:
+            raise CryopickError(f"picks {paired_from[target]} and {name} both belong to the micrograph of "
+                                f"reference {target}; evaluate one picking run at a time")
+        paired[target] = picks[name]
+        paired_from[target] = name
+    return paired, unmatched
+
+
+def evaluate(picks_spec: str | Path, truth_spec: str | Path, radius: float, threshold: float | None = None,
+             method: str = "hungarian", coord_scale: float = 1.0) -> EvaluationReport:
+    """Read picks and references (directory, glob or file; any coordinate format), pair them by micrograph
+    name and evaluate. ``coord_scale`` multiplies the pick coordinates (e.g. picks made on binned images);
+    references are read as they are."""
+    from cryopick.io.coords import read_coordinates
+
+    truth, _ = _collect_tables(read_coordinates(truth_spec), "reference coordinates")
+    picks, pick_sources = _collect_tables(read_coordinates(picks_spec, coord_scale=coord_scale), "picks")
+    truth_names = sorted(truth)
+    paired, unmatched = _pair_picks_with_truth(picks, pick_sources, truth_names)
+    short = _display_names(truth_names)
+    report = evaluate_coordinates({short[n]: f for n, f in paired.items()},
+                                  {short[n]: f for n, f in truth.items()}, radius, threshold, method)
+    report.skipped = unmatched + report.skipped
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------------
+
+def write_report_json(report: EvaluationReport, path: str | Path) -> None:
+    write_json_atomic(path, report.to_json())
+
+
+def write_report_csv(report: EvaluationReport, path: str | Path) -> None:
+    """Per-micrograph table; undefined ratios are left empty."""
+    with atomic_path(path) as tmp:
+        report.to_dataframe().to_csv(tmp, index=False)
+
+
+def plot_pr_curve(report: EvaluationReport, path: str | Path) -> None:
+    """Pooled precision-recall curve with the best-F1 point (and the threshold's point if one was given)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CryopickError("plotting needs matplotlib: pip install 'cryopick[plot]'") from None
+    path = Path(path)
+    precision, recall, thresholds = report.curve
+    overall = report.overall
+    # Figure + Agg canvas instead of pyplot: no global backend state, safe without a display.
+    fig = Figure(figsize=(5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.step(np.r_[0.0, recall], np.r_[precision[:1], precision], where="pre", label="pooled picks")
+    best = _best_f1_index(precision, recall)
+    if best is not None:
+        ax.plot(recall[best], precision[best], "o", label=f"best F1 {overall['best_f1']:.3f} "
+                                                            f"(score ≥ {thresholds[best]:.3g})")
+    if overall.get("threshold") is not None:
+        ax.plot(overall["recall"], overall["precision"], "s", label=f"threshold {overall['threshold']:.3g}")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
+           title=f"AP {overall['ap']:.3f}, radius {overall['radius']:g} px, {overall['method']}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
+
+
+def _cell(value: float | None, spec: str = ".3f") -> str:
+    """A table cell; undefined values (NaN/None) as a dash."""
+    return "–" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def print_report(report: EvaluationReport, console) -> None:
+    """Rich table per micrograph, then the pooled line."""
+    from rich.table import Table
+
+    table = Table(title="Picks vs references")
+    for column in RESULT_COLUMNS:
+        table.add_column(column, justify="left" if column == "name" else "right")
+    for r in report.per_micrograph:
+        table.add_row(r.name, str(r.n_picks), str(r.n_truth), str(r.n_matched),
+                      _cell(r.precision), _cell(r.recall), _cell(r.f1), _cell(r.ap))
+    console.print(table)
+    o = report.overall
+    kept = "all picks" if o["threshold"] is None else f"score ≥ {o['threshold']:g}"
+    console.print(
+        f"[bold]overall[/bold] ({o['n_micrographs']} micrographs, {kept}, radius {o['radius']:g} px, "
+        f"{o['method']}): precision {_cell(o['precision'])}, recall {_cell(o['recall'])}, F1 {_cell(o['f1'])} "
+        f"({o['n_matched']}/{o['n_truth']} references found by {o['n_picks']} picks); AP {_cell(o['ap'])}, "
+        f"best F1 {_cell(o['best_f1'])} at score ≥ {_cell(o['best_threshold'], '.4g')}",
+        highlight=False,
+    )
+    for line in report.skipped:
+        console.print(f"[yellow]skipped:[/yellow] {line}", highlight=False)

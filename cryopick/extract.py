@@ -1,0 +1,441 @@
+"""`cryopick extract`: micrographs + coordinates → chunked 128×128 patch datasets for training.
+
+Output directory: ``chunk_NNNNN.pt`` files (plain dicts, ``torch.load(..., weights_only=True)``),
+``manifest.json`` (written last: a directory without it is an interrupted extraction) and
+``extract_config.yaml``. Each chunk holds patches of one split (train or val).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cryopick import __version__
+from cryopick.config import ExtractConfig, dump_yaml
+from cryopick.errors import CryopickError, InputFileError
+from cryopick.fsutil import save_torch_atomic, write_json_atomic, write_text_atomic
+from cryopick.io.coords import read_coordinates
+from cryopick.io.matching import match_coordinates
+from cryopick.io.micrographs import MicrographEntry, find_micrographs
+from cryopick.io.mrc import read_header, read_micrograph
+from cryopick.preprocessing import PreprocessRecord, binned_shape, choose_bin_factor, preprocess
+from cryopick.progress import console, info, progress_bar, warn
+
+DATASET_FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class MicrographJob:
+    """What one worker needs to turn a micrograph into patches (picklable)."""
+
+    index: int
+    path: str
+    factor: float
+    patch_size: int
+    positives: np.ndarray  # (n, 2) x, y original px
+    n_unlabeled: int
+    seed: int
+    truth: np.ndarray | None  # (m, 2) x, y original px, or None
+
+
+@dataclass
+class MicrographPatches:
+    index: int
+    positive: np.ndarray  # float16 (n, P, P)
+    positive_xy: np.ndarray  # (n, 2) original px of the patch centres
+    unlabeled: np.ndarray
+    unlabeled_xy: np.ndarray
+    unlabeled_truth_distance: np.ndarray | None  # original px to the nearest true particle
+    n_padded: int
+    n_outside: int
+    binned_shape: tuple[int, int]
+    error: str | None = None
+
+
+@dataclass
+class ExtractSummary:
+    out_dir: Path
+    n_micrographs: int = 0
+    n_used: int = 0
+    n_positive: dict = field(default_factory=lambda: {"train": 0, "val": 0})
+    n_unlabeled: dict = field(default_factory=lambda: {"train": 0, "val": 0})
+    n_padded: int = 0
+    n_outside: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    record: PreprocessRecord | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry
+
+
+def reflect_pad(image: np.ndarray, pad: int) -> np.ndarray:
+    """Reflection padding (no edge repeat), the same as pick's ``F.pad(mode="reflect")``."""
+    return np.pad(image, pad, mode="reflect")
+
+
+def crop_patches(padded: np.ndarray, centres_binned: np.ndarray, patch_size: int) -> np.ndarray:
+    """Patches of ``padded`` (padded by patch_size/2) centred on integer binned pixels ``(x, y)``."""
+    half = patch_size // 2
+    out = np.empty((len(centres_binned), patch_size, patch_size), dtype=np.float32)
+    for k, (cx, cy) in enumerate(centres_binned):
+        # padded index of binned pixel c is c + half; the patch's centre index is half
+        out[k] = padded[cy: cy + patch_size, cx: cx + patch_size]
+    return out
+
+
+def to_binned_pixels(xy: np.ndarray, scales: tuple[float, float]) -> np.ndarray:
+    """Original-pixel centres → nearest binned pixel (x, y) integers."""
+    sy, sx = scales
+    return np.stack([np.rint(xy[:, 0] / sx), np.rint(xy[:, 1] / sy)], axis=1).astype(np.int64)
+
+
+def default_unlabeled_count(binned_shape: tuple[int, int], diameter_binned_px: float) -> int:
+    """About one unlabeled centre per (particle radius)² of binned area, within [200, 2000]."""
+    area = binned_shape[0] * binned_shape[1]
+    radius = max(diameter_binned_px / 2, 1.0)
+    return int(np.clip(area / radius**2, 200, 2000))
+
+
+def nearest_distance(points: np.ndarray, references: np.ndarray) -> np.ndarray:
+    if len(references) == 0:
+        return np.full(len(points), np.inf, dtype=np.float32)
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(references).query(points, k=1)
+    return dist.astype(np.float32)
+
+
+def extract_micrograph(job: MicrographJob) -> MicrographPatches:
+    """Read, preprocess and cut one micrograph's patches (runs in a worker process)."""
+    if os.environ.get("CRYOPICK_WORKER"):
+        torch.set_num_threads(1)  # parallelism comes from the worker processes
+    try:
+        image = read_micrograph(job.path)
+    except InputFileError as exc:
+        return MicrographPatches(job.index, *(np.empty(0),) * 4, None, 0, 0, (0, 0), error=exc.problem)
+    binned_t, scales = preprocess(image, job.factor)
+    binned = binned_t.numpy()
+    ny, nx = binned.shape
+    half = job.patch_size // 2
+    padded = reflect_pad(binned, half)
+
+    pos_b = to_binned_pixels(job.positives, scales) if len(job.positives) else np.zeros((0, 2), np.int64)
+    inside = (pos_b[:, 0] >= 0) & (pos_b[:, 0] < nx) & (pos_b[:, 1] >= 0) & (pos_b[:, 1] < ny)
+    n_outside = int((~inside).sum())
+    pos_b, pos_xy = pos_b[inside], job.positives[inside]
+
+    rng = np.random.default_rng(job.seed)
+    unl_b = np.stack([rng.integers(0, nx, job.n_unlabeled), rng.integers(0, ny, job.n_unlabeled)], axis=1)
+    sy, sx = scales
+    unl_xy = unl_b * np.array([sx, sy])
+
+    centres = np.concatenate([pos_b, unl_b])
+    near_edge = ((centres < half) | (centres > np.array([nx, ny]) - half)).any(axis=1)
+    truth_distance = None if job.truth is None else nearest_distance(unl_xy, job.truth)
+    return MicrographPatches(
+        index=job.index,
+        positive=crop_patches(padded, pos_b, job.patch_size).astype(np.float16),
+        positive_xy=pos_xy.astype(np.float32),
+        unlabeled=crop_patches(padded, unl_b, job.patch_size).astype(np.float16),
+        unlabeled_xy=unl_xy.astype(np.float32),
+        unlabeled_truth_distance=truth_distance,
+        n_padded=int(near_edge.sum()),
+        n_outside=n_outside,
+        binned_shape=(ny, nx),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# chunk writing
+
+
+class ChunkWriter:
+    """Buffers one split's patches and writes a chunk file each time ``chunk_size`` is reached."""
+
+    def __init__(self, out_dir: Path, split: str, chunk_size: int, patch_size: int, names: list[str],
+                 counter: list[int], chunks: list[dict]):
+        self.out_dir, self.split, self.chunk_size, self.names = out_dir, split, chunk_size, names
+        self.patch_size = patch_size
+        self.counter, self.chunks = counter, chunks
+        self.buffers: dict[str, list] = {"positive": [], "unlabeled": []}
+        self.meta: dict[str, list] = {"positive": [], "unlabeled": []}
+        self.pending = 0
+
+    def add(self, kind: str, patches: np.ndarray, micrograph: int, xy: np.ndarray,
+            truth_distance: np.ndarray | None = None) -> None:
+        start = 0
+        while start < len(patches):
+            take = min(len(patches) - start, self.chunk_size - self.pending)
+            sl = slice(start, start + take)
+            self.buffers[kind].append(patches[sl])
+            td = truth_distance[sl] if truth_distance is not None else np.full(take, np.nan, np.float32)
+            self.meta[kind].append((np.full(take, micrograph, np.int64), xy[sl], td))
+            self.pending += take
+            start += take
+            if self.pending >= self.chunk_size:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        patches, metadata = {}, {"split": self.split, "micrograph_names": self.names}
+        counts = {}
+        for kind in ("positive", "unlabeled"):
+            parts = self.buffers[kind]
+            size = self.patch_size
+            arr = np.concatenate(parts) if parts else np.zeros((0, size, size), np.float16)
+            patches[kind] = torch.from_numpy(arr)
+            counts[kind] = len(arr)
+            mics = np.concatenate([m for m, _, _ in self.meta[kind]]) if parts else np.zeros(0, np.int64)
+            xy = np.concatenate([c for _, c, _ in self.meta[kind]]) if parts else np.zeros((0, 2), np.float32)
+            td = np.concatenate([t for _, _, t in self.meta[kind]]) if parts else np.zeros(0, np.float32)
+            metadata[kind] = {
+                "micrograph": torch.from_numpy(mics),
+                "x": torch.from_numpy(xy[:, 0].astype(np.float32)),
+                "y": torch.from_numpy(xy[:, 1].astype(np.float32)),
+                "truth_distance": torch.from_numpy(td.astype(np.float32)),
+            }
+        name = f"chunk_{self.counter[0]:05d}.pt"
+        self.counter[0] += 1
+        save_torch_atomic(self.out_dir / name, {"patches": patches, "metadata": metadata})
+        self.chunks.append({"file": name, "split": self.split, "n_positive": counts["positive"],
+                            "n_unlabeled": counts["unlabeled"]})
+        self.buffers = {"positive": [], "unlabeled": []}
+        self.meta = {"positive": [], "unlabeled": []}
+        self.pending = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def split_micrographs(n: int, labelled: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Deterministic split by micrograph, stratified so both splits get labelled micrographs when possible."""
+    splits = np.array(["train"] * n, dtype=object)
+    if val_fraction <= 0 or n < 2:
+        return splits
+    rng = np.random.default_rng(seed)
+    for group in (np.flatnonzero(labelled), np.flatnonzero(~labelled)):
+        if len(group) < 2:
+            continue
+        n_val = min(len(group) - 1, max(1, int(round(val_fraction * len(group)))))
+        splits[rng.permutation(group)[:n_val]] = "val"
+    return splits
+
+
+def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    existing = list(out_dir.glob("chunk_*.pt")) + ([out_dir / MANIFEST] if (out_dir / MANIFEST).exists() else [])
+    if existing and not overwrite:
+        raise CryopickError(f"{out_dir}: already holds a dataset ({len(existing)} files); use --overwrite to replace it")
+    for path in existing:
+        path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _pixel_sizes(entries: list[MicrographEntry], config: ExtractConfig, summary: ExtractSummary,
+                 strict: bool) -> tuple[list[MicrographEntry], list[tuple[int, int]], float]:
+    """Headers of every micrograph (bad ones skipped) and the common pixel size."""
+    kept, shapes, sizes = [], [], []
+    for entry in entries:
+        try:
+            header = read_header(entry.path)
+        except InputFileError as exc:
+            if strict:
+                raise
+            warn(str(exc))
+            summary.skipped.append((str(entry.path), exc.problem))
+            continue
+        kept.append(entry)
+        shapes.append(header.shape)
+        sizes.append(entry.pixel_size or header.pixel_size)
+    if not kept:
+        raise CryopickError("no usable micrographs: every micrograph failed to open (listed above)")
+    if config.pixel_size is not None:
+        return kept, shapes, float(config.pixel_size)
+    if any(s is None for s in sizes):
+        missing = [str(e.path) for e, s in zip(kept, sizes) if s is None][:3]
+        raise CryopickError(f"no pixel size in the header of {', '.join(missing)}; give --pixel-size (Å)")
+    distinct = sorted({round(float(s), 4) for s in sizes})
+    if len(distinct) > 1:
+        raise CryopickError(
+            f"micrographs have different pixel sizes ({', '.join(map(str, distinct))} Å/px); "
+            "extract them separately or force one with --pixel-size"
+        )
+    return kept, shapes, float(distinct[0])
+
+
+def _jobs(entries, matched, truth_matched, factor, config, record, shapes) -> Iterator[MicrographJob]:
+    for i, entry in enumerate(entries):
+        coords = matched.get(i)
+        positives = coords[["x", "y"]].to_numpy(np.float64) if coords is not None else np.zeros((0, 2))
+        n_unl = config.unlabeled_per_micrograph
+        if n_unl is None:
+            n_unl = default_unlabeled_count(binned_shape(shapes[i], factor), record.diameter_binned_px)
+        truth = None
+        if truth_matched is not None:
+            t = truth_matched.get(i)
+            truth = t[["x", "y"]].to_numpy(np.float64) if t is not None else np.zeros((0, 2))
+        yield MicrographJob(i, str(entry.path), factor, config.patch_size, positives, int(n_unl),
+                            config.seed * 1_000_003 + i, truth)
+
+
+def _run_jobs(jobs: Iterable[MicrographJob], workers: int) -> Iterator[MicrographPatches]:
+    """Results in job order; at most 2×workers micrographs in flight, so memory stays bounded."""
+    if workers <= 1:
+        for job in jobs:
+            yield extract_micrograph(job)
+        return
+    os.environ["CRYOPICK_WORKER"] = "1"
+    try:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            pending = []
+            for job in jobs:
+                pending.append(pool.submit(extract_micrograph, job))
+                if len(pending) >= 2 * workers:
+                    yield pending.pop(0).result()
+            for fut in pending:
+                yield fut.result()
+    finally:
+        os.environ.pop("CRYOPICK_WORKER", None)
+
+
+def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, config: ExtractConfig,
+            truth: str | Path | None = None, project_dir: str | Path | None = None,
+            quiet: bool = False) -> ExtractSummary:
+    """Build a patch dataset; see the module docstring for the layout. Raises CryopickError when it cannot."""
+    out_dir = Path(out_dir)
+    summary = ExtractSummary(out_dir=out_dir)
+    entries = find_micrographs(micrographs, project_dir=project_dir)
+    summary.n_micrographs = len(entries)
+    entries, shapes, pixel_size = _pixel_sizes(entries, config, summary, config.strict)
+    tables = read_coordinates(coords, coord_scale=config.coord_scale, micrograph_pixel_size=pixel_size)
+    match = match_coordinates(entries, tables)
+    summary.unmatched = list(match.unmatched)
+    for item in match.unmatched:
+        warn(f"coordinates matched no micrograph: {item}")
+    if sum(len(df) for df in match.coords.values()) == 0:
+        raise CryopickError(f"no labelled coordinate matched any micrograph (coordinates: {coords})")
+    truth_coords = None
+    if truth is not None:
+        truth_coords = match_coordinates(entries, read_coordinates(truth)).coords
+
+    factor = choose_bin_factor(config.diameter, pixel_size, config.patch_size, config.bin, config.target_pixel_size)
+    record = PreprocessRecord(pixel_size=pixel_size, bin_factor=factor, diameter_A=float(config.diameter),
+                              patch_size=config.patch_size)
+    summary.record = record
+    _check_output_dir(out_dir, config.overwrite)
+    info(f"pixel size {pixel_size:.4g} Å/px, bin ×{factor:.4g} → {record.binned_pixel_size:.4g} Å/px; "
+         f"particle {record.diameter_binned_px:.1f} binned px across a {config.patch_size}-px patch", quiet)
+
+    labelled = np.array([len(match.coords.get(i, ())) > 0 for i in range(len(entries))])
+    splits = split_micrographs(len(entries), labelled, config.val_fraction, config.seed)
+    names = [e.name for e in entries]
+    counter, chunks = [0], []
+    writers = {s: ChunkWriter(out_dir, s, config.chunk_size, config.patch_size, names, counter, chunks)
+               for s in ("train", "val")}
+    mic_records: list[dict] = []
+    failed: set[int] = set()
+    jobs = _jobs(entries, match.coords, truth_coords, factor, config, record, shapes)
+    with progress_bar(quiet, extra="{task.fields[patches]} patches") as progress:
+        task = progress.add_task("extract", total=len(entries), patches=0)
+        n_done = 0
+        for result in _run_jobs(jobs, config.workers):
+            entry = entries[result.index]
+            if result.error:
+                if config.strict:
+                    raise CryopickError(f"{entry.path}: {result.error}")
+                warn(f"{entry.path}: {result.error} (skipped)")
+                summary.skipped.append((str(entry.path), result.error))
+                failed.add(result.index)
+            else:
+                split = splits[result.index]
+                w = writers[split]
+                w.add("positive", result.positive, result.index, result.positive_xy)
+                w.add("unlabeled", result.unlabeled, result.index, result.unlabeled_xy,
+                      result.unlabeled_truth_distance)
+                summary.n_positive[split] += len(result.positive)
+                summary.n_unlabeled[split] += len(result.unlabeled)
+                summary.n_padded += result.n_padded
+                summary.n_outside += result.n_outside
+                summary.n_used += 1
+                n_done += len(result.positive) + len(result.unlabeled)
+            mic_records.append(_micrograph_record(entry, splits[result.index], shapes[result.index], result))
+            progress.update(task, advance=1, patches=n_done)
+    for w in writers.values():
+        w.flush()
+    if summary.n_used == 0:
+        raise CryopickError("no usable micrographs: every micrograph failed (listed above)")
+    if summary.n_positive["train"] == 0:
+        raise CryopickError("no positive patch in the training split (all labelled coordinates fell outside?)")
+    _write_manifest(out_dir, config, record, mic_records, chunks, summary, truth is not None)
+    write_text_atomic(out_dir / "extract_config.yaml", dump_yaml(config))
+    return summary
+
+
+def _micrograph_record(entry: MicrographEntry, split: str, shape, result: MicrographPatches) -> dict:
+    return {
+        "name": entry.name,
+        "path": str(entry.path),
+        "split": split,
+        "shape": [int(shape[0]), int(shape[1])],
+        "binned_shape": [int(v) for v in result.binned_shape],
+        "n_positive": int(len(result.positive)) if not result.error else 0,
+        "n_unlabeled": int(len(result.unlabeled)) if not result.error else 0,
+        "error": result.error,
+    }
+
+
+def _write_manifest(out_dir: Path, config: ExtractConfig, record: PreprocessRecord, mics: list[dict],
+                    chunks: list[dict], summary: ExtractSummary, has_truth: bool) -> None:
+    counts = {
+        s: {"positive": summary.n_positive[s], "unlabeled": summary.n_unlabeled[s],
+            "micrographs": sum(1 for m in mics if m["split"] == s and not m["error"])}
+        for s in ("train", "val")
+    }
+    write_json_atomic(out_dir / MANIFEST, {
+        "format": "cryopick-dataset",
+        "format_version": DATASET_FORMAT,
+        "cryopick_version": __version__,
+        "patch_size": config.patch_size,
+        "dtype": "float16",
+        "preprocess": record.to_dict(),
+        "pixel_size": record.pixel_size,
+        "binned_pixel_size": record.binned_pixel_size,
+        "has_truth": has_truth,
+        "counts": counts,
+        "chunks": chunks,
+        "micrographs": mics,
+        "n_padded": summary.n_padded,
+        "n_outside": summary.n_outside,
+        "skipped": [{"path": p, "reason": r} for p, r in summary.skipped],
+        "unmatched_coordinates": summary.unmatched,
+    })
+
+
+def print_summary(summary: ExtractSummary) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"extract → {summary.out_dir}")
+    for col in ("", "train", "val", "total"):
+        table.add_column(col, justify="right")
+    for label, d in (("positive patches", summary.n_positive), ("unlabeled patches", summary.n_unlabeled)):
+        table.add_row(label, str(d["train"]), str(d["val"]), str(d["train"] + d["val"]))
+    table.add_row("micrographs used", "", "", f"{summary.n_used}/{summary.n_micrographs}")
+    table.add_row("patches padded at an edge", "", "", str(summary.n_padded))
+    table.add_row("coordinates outside micrograph", "", "", str(summary.n_outside))
+    console.print(table)
+    for path, reason in summary.skipped:
+        console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
+    for item in summary.unmatched:
+        console.print(f"[yellow]unmatched coordinates[/yellow] {item}", highlight=False)

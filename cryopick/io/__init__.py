@@ -1,0 +1,1 @@
+"""File I/O: MRC micrographs, coordinate formats (RELION STAR, box, cbox, Topaz), name matching."""

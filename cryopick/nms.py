@@ -1,0 +1,93 @@
+"""Peaks of a score map and greedy non-maximum suppression of picks.
+
+Pick works on the logit map of the dense classifier: local maxima are candidate particles, a
+quadratic fit on each maximum's 3×3 neighbourhood refines its position below the map's stride,
+and greedy NMS in original micrograph pixels keeps one pick per particle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+
+def local_maxima(score_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, cols)`` of samples at least as high as their 8 neighbours (plateaus give several)."""
+    score_map = np.asarray(score_map, dtype=np.float64)
+    neighbourhood_max = ndimage.maximum_filter(score_map, size=3, mode="constant", cval=-np.inf)
+    rows, cols = np.nonzero((score_map >= neighbourhood_max) & np.isfinite(score_map))
+    return rows, cols
+
+
+def _quadratic_fit_matrix() -> np.ndarray:
+    """Least-squares solver mapping the 9 samples of a 3×3 window to the coefficients of
+    ``c0 + c1·u + c2·v + c3·u² + c4·u·v + c5·v²`` (u = column offset, v = row offset)."""
+    v, u = np.mgrid[-1:2, -1:2]
+    u, v = u.ravel().astype(np.float64), v.ravel().astype(np.float64)
+    design = np.stack([np.ones(9), u, v, u * u, u * v, v * v], axis=1)
+    return np.linalg.pinv(design)
+
+
+_QUADRATIC_FIT = _quadratic_fit_matrix()
+
+
+def refine_peaks(score_map: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-sample offsets ``(drow, dcol)`` in [-0.5, 0.5] of the peaks at ``(rows, cols)``.
+
+    The vertex of a quadratic surface fitted to the 3×3 neighbourhood; where the fit is not a
+    maximum (saddle, ridge), each axis gets its own 1-D parabola through the centre row/column.
+    The map is mirrored at its border so a peak on the border is not moved.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    if len(rows) == 0:
+        return np.zeros(0), np.zeros(0)
+    padded = np.pad(np.asarray(score_map, dtype=np.float64), 1, mode="reflect" if min(score_map.shape) > 1 else "edge")
+    offsets = np.arange(-1, 2)
+    windows = padded[(rows + 1)[:, None, None] + offsets[None, :, None], (cols + 1)[:, None, None] + offsets[None, None, :]]
+    coeffs = windows.reshape(len(rows), 9) @ _QUADRATIC_FIT.T
+    _, c1, c2, c3, c4, c5 = coeffs.T
+    hxx, hxy, hyy = 2 * c3, c4, 2 * c5
+    det = hxx * hyy - hxy * hxy
+    is_maximum = (hxx < 0) & (det > 0)
+    safe_det = np.where(is_maximum, det, 1.0)
+    dcol_2d = -(hyy * c1 - hxy * c2) / safe_det
+    drow_2d = -(hxx * c2 - hxy * c1) / safe_det
+    centre = windows[:, 1, 1]
+    dcol_1d = _parabola_vertex(windows[:, 1, 0], centre, windows[:, 1, 2])
+    drow_1d = _parabola_vertex(windows[:, 0, 1], centre, windows[:, 2, 1])
+    drow = np.where(is_maximum, drow_2d, drow_1d)
+    dcol = np.where(is_maximum, dcol_2d, dcol_1d)
+    return np.clip(drow, -0.5, 0.5), np.clip(dcol, -0.5, 0.5)
+
+
+def _parabola_vertex(left: np.ndarray, centre: np.ndarray, right: np.ndarray) -> np.ndarray:
+    curvature = left - 2 * centre + right
+    ok = curvature < 0
+    return np.where(ok, (left - right) / (2 * np.where(ok, curvature, -1.0)), 0.0)
+
+
+def greedy_nms(x: np.ndarray, y: np.ndarray, scores: np.ndarray, radius: float) -> np.ndarray:
+    """Indices of the picks kept, best first: no two kept picks are closer than ``radius``.
+
+    Highest score first; equal scores are taken in (y, x) order so results never depend on the
+    input order. A pick closer than ``radius`` to an already kept pick is suppressed.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.lexsort((x, y, -scores))
+    if radius <= 0 or len(order) < 2:
+        return order
+    points = np.stack([x, y], axis=1)
+    tree = cKDTree(points)
+    within = np.nextafter(float(radius), 0.0)  # query_ball_point includes the boundary; NMS excludes it
+    suppressed = np.zeros(len(order), dtype=bool)
+    kept = []
+    for index in order:
+        if suppressed[index]:
+            continue
+        kept.append(index)
+        suppressed[tree.query_ball_point(points[index], within)] = True
+    return np.asarray(kept, dtype=np.int64)

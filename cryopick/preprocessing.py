@@ -1,0 +1,161 @@
+"""One preprocessing for extract and pick: anti-aliased binning and robust per-micrograph normalisation.
+
+Coordinates: binned pixel ``j`` samples original position ``j * scale`` (Fourier cropping keeps the
+origin), so ``x_binned = x_original / scale_x``. This is the convention of RELION's autopicker and
+of Topaz (``round(coord * x / s)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cryopick.errors import CryopickError
+
+PREPROCESS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PreprocessRecord:
+    """Everything needed to repeat the preprocessing exactly; stored in datasets and checkpoints."""
+
+    pixel_size: float  # Å/px of the original micrographs
+    bin_factor: float  # original px per binned px (≥ 1; integer unless a target pixel size was asked)
+    diameter_A: float  # particle diameter the user stated, Å
+    patch_size: int = 128  # binned px
+    normalisation: str = "gmm2"
+    version: int = PREPROCESS_VERSION
+
+    @property
+    def binned_pixel_size(self) -> float:
+        return self.pixel_size * self.bin_factor
+
+    @property
+    def diameter_binned_px(self) -> float:
+        return self.diameter_A / self.binned_pixel_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessRecord":
+        if int(data.get("version", -1)) != PREPROCESS_VERSION:
+            raise CryopickError(
+                f"preprocessing record version {data.get('version')} is not supported "
+                f"(this cryopick writes version {PREPROCESS_VERSION}); re-run extract"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def choose_bin_factor(diameter_A: float, pixel_size: float, patch_size: int = 128,
+                      bin_factor: int | None = None, target_pixel_size: float | None = None) -> float:
+    """Bin factor so the particle spans about half the patch, unless given explicitly."""
+    if diameter_A <= 0:
+        raise CryopickError(f"particle diameter must be positive, got {diameter_A} Å")
+    if pixel_size <= 0 or not math.isfinite(pixel_size):
+        raise CryopickError(f"pixel size must be positive, got {pixel_size} Å/px")
+    if bin_factor is not None and target_pixel_size is not None:
+        raise CryopickError("give either a bin factor or a target pixel size, not both")
+    if bin_factor is not None:
+        if bin_factor < 1:
+            raise CryopickError(f"bin factor must be ≥ 1, got {bin_factor}")
+        return float(bin_factor)
+    if target_pixel_size is not None:
+        factor = target_pixel_size / pixel_size
+        if factor < 1 - 1e-6:
+            raise CryopickError(
+                f"target pixel size {target_pixel_size} Å is finer than the micrographs' {pixel_size} Å/px "
+                "(cryopick only bins down)"
+            )
+        return max(1.0, float(factor))
+    diameter_px = diameter_A / pixel_size
+    return float(max(1, round(diameter_px / (patch_size / 2))))
+
+
+def binned_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
+    ny, nx = shape
+    return max(1, int(round(ny / factor))), max(1, int(round(nx / factor)))
+
+
+def axis_scales(shape: tuple[int, int], factor: float) -> tuple[float, float]:
+    """Exact original-per-binned pixel ratios (sy, sx) after rounding the binned shape."""
+    my, mx = binned_shape(shape, factor)
+    return shape[0] / my, shape[1] / mx
+
+
+def fourier_crop(image: torch.Tensor, out_shape: tuple[int, int]) -> torch.Tensor:
+    """Downsample a 2-D image by cropping its spectrum (ideal anti-aliasing low-pass)."""
+    ny, nx = image.shape[-2:]
+    my, mx = out_shape
+    if (my, mx) == (ny, nx):
+        return image
+    if my > ny or mx > nx:
+        raise CryopickError(f"cannot Fourier-crop {ny}×{nx} up to {my}×{mx}")
+    spec = torch.fft.rfft2(image)
+    top = (my + 1) // 2
+    bottom = my // 2
+    rows = torch.cat([spec[..., :top, :], spec[..., ny - bottom:, :]], dim=-2) if bottom else spec[..., :top, :]
+    cropped = rows[..., : mx // 2 + 1]
+    out = torch.fft.irfft2(cropped, s=(my, mx))
+    return out * (my * mx) / (ny * nx)
+
+
+def robust_normalise(image: torch.Tensor, max_samples: int = 262144, iterations: int = 25) -> torch.Tensor:
+    """Normalise by the dominant component of a 2-Gaussian mixture fitted to the pixel values.
+
+    Ice contamination and carbon film form a second population of pixel values; mean/std would be
+    pulled by them, the dominant mixture component (the ice the particles sit in) is not. This is
+    the normalisation Topaz uses. Deterministic: a fixed strided subsample, fixed iterations.
+    """
+    flat = image.reshape(-1)
+    step = max(1, flat.numel() // max_samples)
+    x = flat[::step].double()
+    med = x.median()
+    mad = (x - med).abs().median() * 1.4826
+    if not torch.isfinite(mad) or mad <= 0:
+        std = x.std()
+        if not torch.isfinite(std) or std <= 0:
+            return (image - med.to(image.dtype))
+        mad = std
+    # start from the two halves of the distribution
+    mu = torch.stack([med - mad, med + mad])
+    var = torch.stack([mad**2, mad**2])
+    w = torch.tensor([0.5, 0.5], dtype=x.dtype, device=x.device)
+    floor = (mad**2) * 1e-4
+    for _ in range(iterations):
+        logp = -0.5 * ((x[:, None] - mu) ** 2 / var + torch.log(2 * math.pi * var)) + torch.log(w)
+        resp = torch.softmax(logp, dim=1)
+        nk = resp.sum(0) + 1e-12
+        w = nk / nk.sum()
+        mu = (resp * x[:, None]).sum(0) / nk
+        var = (resp * (x[:, None] - mu) ** 2).sum(0) / nk + floor
+    k = int(torch.argmax(w))
+    mean, sigma = mu[k], var[k].sqrt()
+    return ((image.double() - mean) / sigma).to(torch.float32)
+
+
+def preprocess(image: np.ndarray | torch.Tensor, factor: float,
+               device: str | torch.device | None = None) -> tuple[torch.Tensor, tuple[float, float]]:
+    """Bin by ``factor`` (Fourier crop) and normalise; returns float32 image and (sy, sx) scales."""
+    if isinstance(image, np.ndarray):
+        tensor = torch.from_numpy(np.asarray(image, dtype=np.float32))
+    else:
+        tensor = image.to(torch.float32)
+    if device is not None:
+        tensor = tensor.to(device)
+    shape = tuple(tensor.shape[-2:])
+    out_shape = binned_shape(shape, factor)
+    binned = fourier_crop(tensor, out_shape)
+    return robust_normalise(binned), axis_scales(shape, factor)
+
+
+def micrograph_factor(record: PreprocessRecord, micrograph_pixel_size: float | None) -> float:
+    """Bin factor that brings a micrograph of ``micrograph_pixel_size`` to the record's binned pixel size."""
+    if micrograph_pixel_size is None or micrograph_pixel_size <= 0:
+        return record.bin_factor
+    return record.binned_pixel_size / micrograph_pixel_size

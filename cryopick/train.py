@@ -1,0 +1,485 @@
+"""`cryopick train`: nnPU + Selective FixMatch with an EMA teacher.
+
+One step (defaults from the design document):
+- positives get the weak view only; unlabeled patches get a weak and a strong view;
+- nnPU risk on the student's logits of weak positives and weak unlabeled (Kiryo et al. 2017);
+- Selective FixMatch: the EMA teacher's weak-view pseudo-labels, kept where |p − 0.5|·2 ≥ τ, supervise the
+  student's strong view of the *unlabeled* patches (``all``: positives too, as standard FixMatch; ``none``: off);
+- entropy minimisation on the student's unlabeled logits;
+- λ_cons ramps linearly over epochs 0–10, λ_ent over 10–20.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cryopick.augment import strong_augment, weak_augment
+from cryopick.checkpoint import load_checkpoint, save_checkpoint
+from cryopick.config import TrainConfig, dump_yaml, to_dict
+from cryopick.data import PatchDataset, PUBatchSampler, SplitData, batch_composition, load_dataset
+from cryopick.ema import EMATeacher
+from cryopick.errors import CryopickError
+from cryopick.evaluate import binary_metrics, pu_corrected_auc, roc_auc
+from cryopick.fsutil import write_text_atomic
+from cryopick.losses import consistency_loss, entropy_loss, nnpu_loss, prior_from_expected_particles, ramp
+from cryopick.model import PatchClassifier
+from cryopick.progress import console, info, progress_bar, warn
+
+METRIC_COLUMNS = [
+    "epoch", "step", "lr", "loss", "pu_loss", "loss_pos", "loss_neg", "defit_rate", "consistency_loss",
+    "entropy_loss", "lambda_cons", "lambda_ent", "mask_rate", "pseudo_positive_rate", "samples_per_s",
+    "val_auc_pu", "val_auc_pn", "val_precision", "val_recall", "val_f1",
+    "val_true_auc", "val_true_precision", "val_true_recall", "val_true_f1", "prior",
+]
+
+
+@dataclass
+class TrainResult:
+    exp_dir: Path
+    best_metric: float
+    best_epoch: int
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        warn("CUDA was asked for but is not available; training on the CPU (slow)")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def positive_radius_px(config: TrainConfig, dataset: PatchDataset) -> float:
+    """The positive tolerance in binned px: the weak crop shift, so training and the prior agree."""
+    return config.data.max_shift * dataset.record.diameter_binned_px
+
+
+def resolve_prior(config: TrainConfig, dataset: PatchDataset) -> float:
+    """π from ``loss.expected_particles`` (fraction of centres within the positive radius) or ``loss.prior``."""
+    if config.loss.expected_particles is not None:
+        if dataset.mean_binned_area <= 0:
+            raise CryopickError("the dataset does not record micrograph sizes; give loss.prior instead")
+        return prior_from_expected_particles(config.loss.expected_particles, positive_radius_px(config, dataset),
+                                             dataset.mean_binned_area)
+    if not 0 < config.loss.prior < 1:
+        raise CryopickError(f"loss.prior must be in (0, 1), got {config.loss.prior}")
+    return config.loss.prior
+
+
+def lr_at(step: int, total: int, warmup: int, base: float, scheduler: str) -> float:
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if scheduler == "none":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    o = config.optim
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True)
+    raise CryopickError(f"optim.name must be adamw or sgd, got {o.name}")
+
+
+class Distributed:
+    """torchrun support: rank/world from the environment, DDP wrapping, rank-0-only side effects."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.active = self.world > 1
+        self.device = device
+        if self.active and not torch.distributed.is_initialized():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if device.type == "cuda":
+                torch.cuda.set_device(local)
+                self.device = torch.device("cuda", local)
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.active:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        if not self.active:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.broadcast(t, 0)
+        return bool(t.item())
+
+    def close(self) -> None:
+        if self.active and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# one step
+
+
+def to_input(patches: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    x = patches.float().unsqueeze(1)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@dataclass
+class Views:
+    """The augmented inputs of one step: weak positives, weak unlabeled, strong views (or None)."""
+
+    pos_weak: torch.Tensor
+    unl_weak: torch.Tensor
+    strong: torch.Tensor | None
+
+
+def make_views(xp: torch.Tensor, xu: torch.Tensor, config: TrainConfig, shift_px: float,
+               gen: torch.Generator) -> Views:
+    """Weak views for all; strong views for unlabeled (``selective``) or for all (``all``); none for ``none``."""
+    aug = config.augment
+    weak = dict(max_shift=shift_px, rotate_degrees=aug.rotate_degrees, rot90=aug.rot90, flips=aug.flips, generator=gen)
+    mode = config.loss.consistency
+    strong = None
+    if mode != "none" and config.loss.lambda_cons > 0:
+        strong = strong_augment(xu if mode == "selective" else torch.cat([xp, xu]), aug, shift_px, generator=gen)
+    return Views(weak_augment(xp, **weak), weak_augment(xu, **weak), strong)
+
+
+def step_loss(student, teacher_model, views: Views, config: TrainConfig, prior: float, epoch_f: float,
+              autocast) -> tuple[torch.Tensor, dict]:
+    """Loss of one P:U batch and the values to log (all floats except the loss)."""
+    n_p, n_u = len(views.pos_weak), len(views.unl_weak)
+    parts = [views.pos_weak, views.unl_weak] + ([views.strong] if views.strong is not None else [])
+    with autocast():
+        logits = student(torch.cat(parts)).float()  # one forward: BatchNorm sees the whole batch
+    lp, lu = logits[:n_p], logits[n_p:n_p + n_u]
+    pu = nnpu_loss(lp, lu, prior, beta=config.loss.nnpu_beta, gamma=config.loss.nnpu_gamma,
+                   defitting=config.loss.defitting)
+    lam_c = config.loss.lambda_cons * ramp(epoch_f, *config.loss.cons_ramp_epochs)
+    lam_e = config.loss.lambda_ent * ramp(epoch_f, *config.loss.ent_ramp_epochs)
+    loss = pu.loss
+    cons_value, mask_rate, pseudo_pos = 0.0, 0.0, 0.0
+    if views.strong is not None:
+        weak_views = views.unl_weak if config.loss.consistency == "selective" else torch.cat(parts[:2])
+        with torch.no_grad(), autocast():
+            t_logits = teacher_model(weak_views).float()
+        cons = consistency_loss(logits[n_p + n_u:], t_logits, config.loss.consistency_threshold)
+        loss = loss + lam_c * cons.loss
+        cons_value, mask_rate = float(cons.loss.detach()), float(cons.mask_rate)
+        pseudo_pos = float(cons.pseudo_positive_rate)
+    ent = entropy_loss(lu)
+    if lam_e > 0:
+        loss = loss + lam_e * ent
+    logs = {
+        "pu_loss": float(pu.risk.detach()), "loss_pos": float(pu.positive_risk.detach()),
+        "loss_neg": float(pu.negative_risk.detach()), "defit_rate": float(pu.defitting),
+        "consistency_loss": cons_value, "entropy_loss": float(ent.detach()),
+        "lambda_cons": lam_c, "lambda_ent": lam_e, "mask_rate": mask_rate, "pseudo_positive_rate": pseudo_pos,
+    }
+    return loss, logs
+
+
+def optimisation_step(loss: torch.Tensor, optimizer, teacher, model) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if teacher:
+        teacher.update(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, patches: torch.Tensor, device: torch.device, autocast,
+            batch: int = 256, channels_last: bool = False) -> np.ndarray:
+    model.eval()
+    out = []
+    for start in range(0, len(patches), batch):
+        x = to_input(patches[start:start + batch].to(device), channels_last)
+        with autocast():
+            out.append(torch.sigmoid(model(x).float()).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def validate(model, split: SplitData, prior: float, radius_original_px: float, device, autocast,
+             max_patches: int, channels_last: bool) -> dict:
+    """PU metrics (positives vs unlabeled), the PU-corrected AUC, and true metrics when truth is known."""
+    if len(split.positive) == 0 or len(split.unlabeled) == 0:
+        return {}
+    n_u = min(len(split.unlabeled), max_patches)
+    unl = split.unlabeled[:n_u]
+    p_pos = predict(model, split.positive, device, autocast, channels_last=channels_last)
+    p_unl = predict(model, unl, device, autocast, channels_last=channels_last)
+    scores = np.concatenate([p_pos, p_unl])
+    labels = np.concatenate([np.ones(len(p_pos)), np.zeros(len(p_unl))])
+    m = binary_metrics(scores, labels, 0.5)
+    out = {"val_auc_pu": m["auc"], "val_auc_pn": pu_corrected_auc(m["auc"], prior),
+           "val_precision": m["precision"], "val_recall": m["recall"], "val_f1": m["f1"]}
+    td = split.unlabeled_truth_distance[:n_u].cpu().numpy()
+    if len(td) and np.isfinite(td).any():
+        true_u = (td <= radius_original_px).astype(float)
+        t = binary_metrics(scores, np.concatenate([np.ones(len(p_pos)), true_u]), 0.5)
+        out.update({"val_true_auc": t["auc"], "val_true_precision": t["precision"],
+                    "val_true_recall": t["recall"], "val_true_f1": t["f1"]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# logging
+
+
+class MetricsLog:
+    """metrics.csv (rewritten atomically each epoch), TensorBoard when installed, a rich line per epoch."""
+
+    def __init__(self, exp_dir: Path, history: list[dict], quiet: bool, enabled: bool):
+        self.path, self.history, self.quiet, self.enabled = exp_dir / "metrics.csv", history, quiet, enabled
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(exp_dir / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self.tb = None
+
+    def log(self, row: dict) -> None:
+        self.history.append(row)
+        if not self.enabled:
+            return
+        import io
+
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in self.history:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+        write_text_atomic(self.path, buf.getvalue())
+        if self.tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    group = "val" if key.startswith("val_") else "train"
+                    self.tb.add_scalar(f"{group}/{key.removeprefix('val_')}", value, row["epoch"])
+            self.tb.flush()
+        if not self.quiet:
+            keys = ["loss", "loss_pos", "loss_neg", "consistency_loss", "mask_rate", "pseudo_positive_rate",
+                    "val_auc_pu", "val_auc_pn", "val_f1", "val_true_auc", "val_true_f1", "samples_per_s"]
+            text = "  ".join(f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), float))
+            console.print(f"[bold]epoch {row['epoch']}[/bold]  {text}", highlight=False)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def experiment_dir(config: TrainConfig) -> Path:
+    name = config.train.exp_name
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise CryopickError(f"experiment name '{name}' must be a plain directory name")
+    return Path(config.train.output_root) / name
+
+
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> TrainResult:
+    """Train a picker; writes config.yaml, metrics.csv, checkpoints/{best,last}.pt under the experiment dir."""
+    exp_dir = experiment_dir(config)
+    ckpt_dir = exp_dir / "checkpoints"
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    if last_path.exists() and not (resume or overwrite):
+        raise CryopickError(f"{exp_dir} already holds a training run; use --resume to continue it or --overwrite")
+    if resume and not last_path.exists():
+        raise CryopickError(f"--resume: no checkpoint at {last_path}")
+
+    device = resolve_device(config.train.device)
+    dist = Distributed(device)
+    device = dist.device
+    torch.manual_seed(config.train.seed + dist.rank)
+    dataset = load_dataset(config.data.data_dir)
+    prior = resolve_prior(config, dataset)
+    shift_px = positive_radius_px(config, dataset)
+    radius_original = shift_px * dataset.record.bin_factor
+    info(f"dataset {dataset.source}: {len(dataset.train.positive)} positive / {len(dataset.train.unlabeled)} "
+         f"unlabeled (train), {len(dataset.val.positive)} / {len(dataset.val.unlabeled)} (val); prior π = {prior:.4g}; "
+         f"positive radius {shift_px:.1f} binned px; device {device}", quiet or not dist.main)
+
+    on_cuda = device.type == "cuda"
+    channels_last = config.train.channels_last and on_cuda
+    amp = config.train.amp and on_cuda
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False)
+
+    model = PatchClassifier(config.model.backbone, config.model.dropout, config.model.output_stride).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    teacher = EMATeacher(model, config.model.ema_decay) if config.model.use_ema else None
+    optimizer = make_optimizer(model, config)
+    train_data = dataset.train.to(device) if on_cuda else dataset.train
+    n_p, n_u = batch_composition(config.data.batch_size, config.data.batch_ratio)
+    sampler = PUBatchSampler(len(train_data.positive), len(train_data.unlabeled), n_p, n_u, config.train.seed,
+                             config.train.steps_per_epoch, dist.rank, dist.world)
+    total_steps = sampler.steps_per_epoch * config.train.epochs
+    warmup = int(config.optim.warmup_epochs * sampler.steps_per_epoch)
+    gen = torch.Generator(device=device).manual_seed(config.train.seed * 7919 + dist.rank)
+
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": -math.inf, "best_epoch": -1,
+             "bad_epochs": 0, "history": []}
+    if resume:
+        state = _restore(last_path, model, teacher, optimizer, gen, device)
+        info(f"resuming from {last_path}: epoch {state['epoch']}, step {state['step_in_epoch']}", quiet)
+    if dist.main:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(exp_dir / "config.yaml", dump_yaml(config))
+    ddp_model = dist.wrap(model)
+    forward = torch.compile(ddp_model) if config.train.compile else ddp_model
+    teacher_model = teacher.module if teacher else model
+    log = MetricsLog(exp_dir, state["history"], quiet, dist.main)
+
+    def save(path: Path, metrics: dict) -> None:
+        save_checkpoint(path, model_spec=model.spec, model_state=model.state_dict(),
+                        ema_state=teacher.module.state_dict() if teacher else None, config=to_dict(config),
+                        preprocess=dataset.record.to_dict(), metrics=metrics, epoch=state["epoch"],
+                        step=state["global_step"], training_state=_training_state(state, optimizer, teacher, gen,
+                                                                                   prior))
+
+    interrupted = False
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # cluster schedulers stop jobs with SIGTERM
+    try:
+        with progress_bar(quiet or not dist.main, extra="loss {task.fields[loss]:.4f}") as progress:
+            task = progress.add_task("train", total=total_steps, loss=float("nan"),
+                                     completed=state["epoch"] * sampler.steps_per_epoch + state["step_in_epoch"])
+            while state["epoch"] < config.train.epochs:
+                epoch = state["epoch"]
+                sums: dict[str, float] = {}
+                n_steps, t0, n_samples = 0, time.perf_counter(), 0
+                ddp_model.train()
+                for step, (ip, iu) in enumerate(sampler.epoch(epoch)):
+                    if step < state["step_in_epoch"]:
+                        continue
+                    xp = to_input(train_data.positive[ip.to(train_data.positive.device)].to(device), channels_last)
+                    xu = to_input(train_data.unlabeled[iu.to(train_data.unlabeled.device)].to(device), channels_last)
+                    lr = lr_at(state["global_step"], total_steps, warmup, config.optim.lr, config.optim.scheduler)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    epoch_f = epoch + step / sampler.steps_per_epoch
+                    views = make_views(xp, xu, config, shift_px, gen)
+                    loss, logs = step_loss(forward, teacher_model, views, config, prior, epoch_f, autocast)
+                    optimisation_step(loss, optimizer, teacher, model)
+                    state["step_in_epoch"] = step + 1
+                    state["global_step"] += 1
+                    logs["loss"], logs["lr"] = float(loss.detach()), lr
+                    for k, v in logs.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_steps += 1
+                    n_samples += len(xp) + len(xu)
+                    progress.update(task, advance=1, loss=logs["loss"])
+                row = {"epoch": epoch, "step": state["global_step"], "prior": prior}
+                row.update({k: v / max(1, n_steps) for k, v in sums.items()})
+                row["samples_per_s"] = n_samples * dist.world / max(1e-9, time.perf_counter() - t0)
+                state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+                stop = False
+                if dist.main:
+                    eval_model = teacher.module if teacher else model
+                    row.update(validate(eval_model, dataset.val, prior, radius_original, device, autocast,
+                                        config.train.val_max_patches, channels_last))
+                    log.log(row)
+                    stop = _track_best(state, row, config, save, best_path)
+                    save(last_path, row)
+                stop = dist.broadcast_flag(stop)
+                if stop:
+                    info(f"early stopping: no improvement of {config.train.monitor} for "
+                         f"{config.train.early_stopping_patience} epochs", quiet or not dist.main)
+                    break
+    except KeyboardInterrupt:
+        interrupted = True
+        if dist.main:
+            save(last_path, state["history"][-1] if state["history"] else {})
+            warn(f"interrupted: state saved to {last_path}; continue with --resume")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        log.close()
+        dist.close()
+    if dist.main and not best_path.exists() and last_path.exists() and not interrupted:
+        save(best_path, state["history"][-1] if state["history"] else {})
+    return TrainResult(exp_dir, state["best"], state["best_epoch"], state["epoch"], state["history"], interrupted)
+
+
+def _track_best(state: dict, row: dict, config: TrainConfig, save, best_path: Path) -> bool:
+    """Save best.pt on improvement of the monitored metric; True when early stopping should stop."""
+    key = config.train.monitor
+    value = row.get(key, row.get(f"val_{key}"))
+    if value is None or not math.isfinite(value):
+        value = -row.get("loss", math.inf)  # no validation data: lowest training loss is best
+    if value > state["best"]:
+        state["best"], state["best_epoch"], state["bad_epochs"] = value, row["epoch"], 0
+        save(best_path, row)
+        return False
+    state["bad_epochs"] += 1
+    return state["bad_epochs"] >= config.train.early_stopping_patience
+
+
+def _training_state(state: dict, optimizer, teacher, gen: torch.Generator, prior: float) -> dict:
+    return {
+        "loop": {k: v for k, v in state.items() if k != "history"},
+        "history": state["history"],
+        "optimizer": optimizer.state_dict(),
+        "teacher": teacher.state_dict() if teacher else None,
+        "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "prior": prior,
+    }
+
+
+def _restore(path: Path, model, teacher, optimizer, gen: torch.Generator, device) -> dict:
+    ckpt = load_checkpoint(path, map_location=device)
+    ts = ckpt.get("training_state")
+    if not ts:
+        raise CryopickError(f"{path}: holds no training state to resume from")
+    model.load_state_dict(ckpt["model_state"])
+    if teacher and ts.get("teacher"):
+        teacher.load_state_dict(ts["teacher"])
+    optimizer.load_state_dict(ts["optimizer"])
+    gen.set_state(ts["generator"].cpu() if gen.device.type == "cpu" else ts["generator"])
+    torch.set_rng_state(ts["torch_rng"].cpu())
+    if ts.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in ts["cuda_rng"]])
+    state = dict(ts["loop"])
+    state["history"] = list(ts["history"])
+    return state

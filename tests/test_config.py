@@ -1,0 +1,38 @@
+import pytest
+import yaml
+
+from cryopick.cli import default_config_text
+from cryopick.config import TrainConfig, dump_yaml, from_dict, resolve, to_dict
+from cryopick.errors import CryopickError
+
+
+def test_shipped_config_equals_dataclass_defaults():
+    assert yaml.safe_load(default_config_text()) == to_dict(TrainConfig())
+
+
+def test_design_defaults():
+    c = TrainConfig()
+    assert (c.loss.prior, c.loss.consistency_threshold, c.loss.lambda_cons, c.loss.lambda_ent) == (0.3, 0.95, 1.0, 0.01)
+    assert c.loss.cons_ramp_epochs == [0.0, 10.0] and c.loss.ent_ramp_epochs == [10.0, 20.0]
+    assert (c.model.ema_decay, c.data.batch_size, c.data.batch_ratio) == (0.999, 32, [1, 4])
+
+
+def test_yaml_then_cli_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  prior: 0.1\nmodel:\n  backbone: resnet8\ntrain:\n  epochs: 3\n")
+    c = resolve(TrainConfig, path, {"train.epochs": 7, "loss.consistency": None})
+    assert (c.loss.prior, c.model.backbone, c.train.epochs, c.loss.consistency) == (0.1, "resnet8", 7, "selective")
+
+
+def test_resolved_config_round_trips_through_yaml():
+    c = resolve(TrainConfig, None, {"data.batch_ratio": "1,3", "train.amp": "false"})
+    assert from_dict(TrainConfig, yaml.safe_load(dump_yaml(c))) == c
+
+
+@pytest.mark.parametrize("text,match", [("loss:\n  priorr: 0.1\n", "unknown key"), ("loss: 3\n", "mapping"),
+                                        ("train:\n  epochs: many\n", "not a valid int"), ("- a\n", "mapping")])
+def test_bad_config_files_name_the_problem(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(CryopickError, match=match):
+        resolve(TrainConfig, path)
