@@ -90,9 +90,7 @@ def simulate(
     params = SimulationParams(n_micrographs=micrographs, shape=_parse_size(size), pixel_size=pixel_size,
                               diameter=diameter, particle=particle, particles_per_micrograph=per_micrograph, snr=snr,
                               seed=seed, label_fraction=label_fraction, dtype=dtype)
-    case = run(out, params, quiet=quiet, overwrite=overwrite)
-    if not quiet:
-        typer.echo(f"wrote {case.get('n_micrographs', micrographs)} micrographs to {out}")
+    run(out, params, quiet=quiet, overwrite=overwrite)
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -212,6 +210,171 @@ def train(
     if not quiet:
         typer.echo(f"best {cfg.train.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}; "
                    f"checkpoints in {result.exp_dir / 'checkpoints'}")
+
+
+@app.command()
+@user_errors
+def pick(
+    micrographs: str = typer.Argument(..., help="Micrographs: a directory, a glob or a RELION micrographs STAR."),
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint from cryopick train (best.pt); it carries the "
+                               "binning and normalisation, which are applied to every micrograph."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (e.g. a RELION External/jobNNN/)."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Probability (0–1) a pick must reach; it is written as "
+                                    "rlnAutopickFigureOfMerit, so you can also select later in RELION."),
+    radius: Optional[float] = typer.Option(None, "--radius", help="NMS radius, Å (default: half the particle "
+                                           "diameter given to extract)."),
+    radius_px: Optional[float] = typer.Option(None, "--radius-px", help="NMS radius in original micrograph pixels "
+                                              "(overrides --radius)."),
+    suffix: str = typer.Option("cryopick", "--suffix", help="Coordinate files are <micrograph>_<suffix>.star."),
+    edge: float = typer.Option(0.0, "--edge", help="Drop picks closer than this to a micrograph edge, original px "
+                               "(half your extraction box keeps every box inside)."),
+    max_picks: Optional[int] = typer.Option(None, "--max-picks", help="At most this many picks per micrograph (best kept)."),
+    expected: Optional[float] = typer.Option(None, "--expected", help="Particles you expect per micrograph: the "
+                                             "summary reports the threshold that gives that many."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: pick only micrographs k with k mod n = i "
+                                        "(array jobs; under torchrun RANK/WORLD_SIZE are used)."),
+    preview: int = typer.Option(0, "--preview", help="Write PNG previews (binned, low-passed, picks as circles) "
+                                "of this many micrographs to OUT/preview/."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Micrographs of equal size scored together (GPU)."),
+    tile_size: int = typer.Option(2048, "--tile-size", help="Largest binned-pixel edge scored at once; bigger "
+                                  "micrographs are tiled with overlap."),
+    pixel_size: Optional[float] = typer.Option(None, "--pixel-size", help="Micrograph pixel size, Å/px (overrides "
+                                               "STAR and headers); a size other than training's is rescaled."),
+    box: bool = typer.Option(False, "--box", help="Also write EMAN .box files (box = particle diameter)."),
+    topaz: bool = typer.Option(False, "--topaz", help="Also write one Topaz coordinate table."),
+    particles: bool = typer.Option(False, "--particles", help="Also write one combined particles-style STAR."),
+    workers: int = typer.Option(2, "--workers", help="Background threads reading the next micrographs."),
+    project_dir: Optional[Path] = typer.Option(None, "--project-dir", help="RELION project directory for relative "
+                                               "rlnMicrographName paths (default: searched)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with PickConfig keys (CLI wins)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo micrographs already picked in OUT."),
+    quiet: bool = QUIET,
+) -> None:
+    """Score every micrograph densely, threshold, NMS, and write RELION coordinate STARs."""
+    from cryopick.config import PickConfig, resolve
+    from cryopick.pick import pick as run
+
+    overrides = {"threshold": threshold, "radius": radius, "radius_px": radius_px, "suffix": suffix, "edge": edge,
+                 "max_picks": max_picks, "expected": expected, "shard": shard, "preview": preview, "device": device,
+                 "batch_size": batch_size, "tile_size": tile_size, "pixel_size": pixel_size,
+                 "write_box": box or None, "write_topaz": topaz or None, "write_particles": particles or None,
+                 "workers": workers, "overwrite": overwrite or None}
+    cfg = resolve(PickConfig, config, overrides)
+    run(micrographs, model, out, cfg, quiet=quiet, project_dir=project_dir)  # raises when every micrograph failed
+
+
+@app.command()
+@user_errors
+def evaluate(
+    picks: Optional[str] = typer.Argument(None, help="Picks: a directory, glob or file in any format extract reads "
+                                          "(scores from rlnAutopickFigureOfMerit, Topaz score, cbox confidence)."),
+    truth: Optional[str] = typer.Option(None, "--truth", "-t", help="Reference coordinates: directory, glob or file."),
+    radius: Optional[float] = typer.Option(None, "--radius", help="Match radius, original micrograph px "
+                                           "(default: half the particle diameter from --model or --diameter)."),
+    diameter: Optional[float] = typer.Option(None, "--diameter", help="Particle diameter, Å (with --pixel-size)."),
+    pixel_size: Optional[float] = typer.Option(None, "--pixel-size", help="Micrograph pixel size, Å/px."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Score threshold for precision/recall/F1 "
+                                              "(default: every pick counts; AP always uses all picks)."),
+    method: str = typer.Option("hungarian", "--method", help="One-to-one matching: hungarian (most matches, as "
+                               "Topaz) or greedy (by descending score)."),
+    coord_scale: float = typer.Option(1.0, "--coord-scale", help="Multiply pick coordinates by this first."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write per-micrograph rows as CSV."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Precision-recall curve PNG (needs cryopick[plot])."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint: gives the diameter for the default "
+                                         "radius; with --data-dir, evaluates the model on patches instead."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Patch-level mode: dataset from extract "
+                                            "(with --truth at extract time for true metrics)."),
+    split: str = typer.Option("val", "--split", help="Patch-level mode: val, train or all."),
+    device: str = typer.Option("auto", "--device", help="Patch-level mode: auto, cpu or cuda."),
+    quiet: bool = QUIET,
+) -> None:
+    """Score picks against reference coordinates (precision, recall, F1, AP), or a checkpoint on patches."""
+    from cryopick.progress import console
+
+    if data_dir is not None:
+        if model is None:
+            raise CryopickError("patch-level evaluation needs --model CKPT with --data-dir")
+        from cryopick.fsutil import write_json_atomic
+        from cryopick.train import evaluate_patches
+
+        metrics = evaluate_patches(model, data_dir, split, threshold if threshold is not None else 0.5, device)
+        _print_patch_metrics(metrics)
+        if json_out:
+            write_json_atomic(json_out, metrics)
+        return
+    from cryopick import evaluate as ev
+
+    if picks is None or truth is None:
+        raise CryopickError("give PICKS and --truth REFERENCE (or --model with --data-dir for patch metrics)")
+    radius = _match_radius(radius, diameter, pixel_size, model)
+    report = ev.evaluate(picks, truth, radius, threshold=threshold, method=method, coord_scale=coord_scale)
+    if not quiet:
+        ev.print_report(report, console)
+    else:
+        o = report.overall
+        typer.echo(f"precision {o['precision']:.4f} recall {o['recall']:.4f} f1 {o['f1']:.4f} ap {o['ap']:.4f}")
+    if json_out:
+        ev.write_report_json(report, json_out)
+    if csv_out:
+        ev.write_report_csv(report, csv_out)
+    if plot:
+        ev.plot_pr_curve(report, plot)
+
+
+def _match_radius(radius, diameter, pixel_size, model) -> float:
+    if radius is not None:
+        return radius
+    if model is not None:
+        from cryopick.checkpoint import load_checkpoint, preprocess_from_checkpoint
+
+        record = preprocess_from_checkpoint(load_checkpoint(model))
+        return record.diameter_A / 2 / (pixel_size or record.pixel_size)
+    if diameter is not None and pixel_size is not None:
+        return diameter / 2 / pixel_size
+    raise CryopickError("give --radius (px), or --diameter (Å) with --pixel-size (Å/px), or --model CKPT")
+
+
+def _print_patch_metrics(metrics: dict) -> None:
+    from rich.table import Table
+
+    from cryopick.progress import console
+
+    table = Table(title=f"patch metrics ({metrics['split']}, threshold {metrics['threshold']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if key in ("split", "threshold"):
+            continue
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Path = typer.Argument(Path("cryopick-demo"), help="Working directory for the demo (must be new or empty)."),
+    micrographs: int = typer.Option(6, "--micrographs", "-n", help="Simulated micrographs (1024×1024 px, 2 Å/px)."),
+    epochs: int = typer.Option(10, "--epochs", help="Training epochs."),
+    steps_per_epoch: int = typer.Option(25, "--steps-per-epoch", help="Batches of 32 patches per epoch."),
+    snr: float = typer.Option(0.05, "--snr", help="Per-pixel SNR of the simulated particles."),
+    particle: str = typer.Option("shell", "--particle", help="Particle shape: shell, blob, rod, ring."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Reuse a non-empty OUT, replacing its files."),
+    quiet: bool = QUIET,
+) -> None:
+    """Simulate → extract → train → pick → evaluate on a CPU in a few minutes; prints precision/recall/AP."""
+    from cryopick.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(micrographs=micrographs, epochs=epochs, steps_per_epoch=steps_per_epoch, snr=snr,
+                            particle=particle, device=device, seed=seed)
+    report, times = run_demo(out, settings, quiet=quiet, overwrite=overwrite)
+    o = report.overall
+    typer.echo(f"demo: precision {o['precision']:.3f}  recall {o['recall']:.3f}  F1 {o['f1']:.3f}  "
+               f"AP {o['ap']:.3f}  (picks {o['n_picks']}, true particles {o['n_truth']}; "
+               f"{sum(times.values()):.0f} s)")
 
 
 def main() -> None:

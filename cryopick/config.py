@@ -58,6 +58,7 @@ class LossConfig:
     nnpu_beta: float = 0.0  # Kiryo's β: negative risk below −β triggers defitting
     nnpu_gamma: float = 1.0  # Kiryo's γ: step size of the defitting step
     defitting: bool = True  # gradient ascent on −γ·(negative risk) when it drops below −β
+    balanced_prior: float | None = None  # π' of imbalanced nnPU (Su et al. 2021); None = plain Kiryo nnPU
     consistency: str = "selective"  # selective | all | none
     consistency_threshold: float = 0.95  # τ on conf = |p − 0.5|·2
     lambda_cons: float = 1.0

@@ -40,7 +40,7 @@ class ConsistencyOutput:
 
 
 def nnpu_loss(logits_p: torch.Tensor, logits_u: torch.Tensor, prior: float, beta: float = 0.0,
-              gamma: float = 1.0, defitting: bool = True) -> NNPUOutput:
+              gamma: float = 1.0, defitting: bool = True, balanced_prior: float | None = None) -> NNPUOutput:
     """Non-negative PU risk of Kiryo et al. (NeurIPS 2017) with the logistic loss.
 
     ``R_p^+ = E_P[ℓ(f,1)]``, ``R_p^- = E_P[ℓ(f,0)]``, ``R_u^- = E_U[ℓ(f,0)]``;
@@ -59,6 +59,11 @@ def nnpu_loss(logits_p: torch.Tensor, logits_u: torch.Tensor, prior: float, beta
 
     ``risk`` is always the nnPU value ``π·R_p^+ + max(0, negative_risk)``, so it is comparable
     across steps whichever branch was taken.
+
+    ``balanced_prior`` π' (Su, Chen & Xu, IJCAI 2021, "PU learning from imbalanced data") reweights
+    the two risks as if the classes had prior π': ``π'·R_p^+`` and ``(1−π')/(1−π)·negative_risk``.
+    With rare particles (π ≈ 0.01–0.05) the plain risk gives positives almost no weight and the
+    posterior stays far below 0.5; with π' = 0.5 a threshold of 0.5 is the balanced decision.
     """
     _check_prior(prior)
     if beta < 0 or gamma <= 0:
@@ -66,8 +71,13 @@ def nnpu_loss(logits_p: torch.Tensor, logits_u: torch.Tensor, prior: float, beta
     f_p = _flat_float(logits_p, "positive logits")
     f_u = _flat_float(logits_u, "unlabeled logits")
 
-    positive_risk = prior * F.softplus(-f_p).mean()
-    negative_risk = F.softplus(f_u).mean() - prior * F.softplus(f_p).mean()
+    if balanced_prior is None:
+        w_pos, w_neg = prior, 1.0
+    else:
+        _check_prior(balanced_prior)
+        w_pos, w_neg = balanced_prior, (1 - balanced_prior) / (1 - prior)
+    positive_risk = w_pos * F.softplus(-f_p).mean()
+    negative_risk = w_neg * (F.softplus(f_u).mean() - prior * F.softplus(f_p).mean())
     clamped = positive_risk + torch.clamp(negative_risk, min=0.0)
 
     # One host sync per step to pick the branch; it decides which graph to backpropagate.

@@ -45,12 +45,15 @@ def refine_peaks(score_map: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> t
         return np.zeros(0), np.zeros(0)
     padded = np.pad(np.asarray(score_map, dtype=np.float64), 1, mode="reflect" if min(score_map.shape) > 1 else "edge")
     offsets = np.arange(-1, 2)
-    windows = padded[(rows + 1)[:, None, None] + offsets[None, :, None], (cols + 1)[:, None, None] + offsets[None, None, :]]
+    row_index = (rows + 1)[:, None, None] + offsets[None, :, None]
+    col_index = (cols + 1)[:, None, None] + offsets[None, None, :]
+    windows = padded[row_index, col_index]
     coeffs = windows.reshape(len(rows), 9) @ _QUADRATIC_FIT.T
     _, c1, c2, c3, c4, c5 = coeffs.T
     hxx, hxy, hyy = 2 * c3, c4, 2 * c5
     det = hxx * hyy - hxy * hxy
-    is_maximum = (hxx < 0) & (det > 0)
+    # a clear maximum: both curvatures negative and the surface not (numerically) a ridge
+    is_maximum = (hxx < 0) & (hyy < 0) & (det > 1e-9 * (hxx * hxx + hyy * hyy))
     safe_det = np.where(is_maximum, det, 1.0)
     dcol_2d = -(hyy * c1 - hxy * c2) / safe_det
     drow_2d = -(hxx * c2 - hxy * c1) / safe_det

@@ -231,9 +231,17 @@ def candidate_picks(logits: np.ndarray, geometry: MapGeometry, binned_shape: tup
     x = np.clip(np.rint(x), 0, shape[1] - 1)
     y = np.clip(np.rint(y), 0, shape[0] - 1)
     score = expit(logits[rows, cols].astype(np.float64))
-    away = (x >= edge) & (x <= shape[1] - 1 - edge) & (y >= edge) & (y <= shape[0] - 1 - edge)
+    away = away_from_edges(x, y, shape, edge)
     candidates = Picks(x[away], y[away], score[away])
     return candidates.take(greedy_nms(candidates.x, candidates.y, candidates.score, radius_px))
+
+
+def away_from_edges(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], edge: float) -> np.ndarray:
+    """Mask of centres whose RELION box of edge ``2·edge`` lies inside the micrograph.
+
+    RELION cuts ``x − B/2 … x + B/2 − 1``, so a box of B = 2·edge fits for ``edge ≤ x ≤ nx − edge``.
+    """
+    return (x >= edge) & (x <= shape[1] - edge) & (y >= edge) & (y <= shape[0] - edge)
 
 
 def select_picks(candidates: Picks, threshold: float, max_picks: int | None = None) -> Picks:
@@ -267,7 +275,8 @@ def resolve_device(name: str, environ=os.environ) -> torch.device:
             return torch.device("cpu")
         return torch.device(f"cuda:{int(environ.get('LOCAL_RANK', 0) or 0)}")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CryopickError(f"device {name} was asked for but CUDA is not available; use --device cpu")
+        warn(f"device {name} was asked for but CUDA is not available; picking on the CPU (slow)")
+        return torch.device("cpu")
     try:
         return torch.device(name)
     except RuntimeError:
@@ -569,7 +578,7 @@ class _RunState:
     summary: PickSummary
     candidate_scores: list[np.ndarray] = field(default_factory=list)
     pixel_sizes_seen: set[float] = field(default_factory=set)
-    previews_left: int = 0
+    preview_stars: set[str] = field(default_factory=set)  # coordinate files whose micrograph gets a preview
     processed_pixel_sizes: dict[str, float] = field(default_factory=dict)
 
 
@@ -593,19 +602,21 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
     my_names = {e.name for e in shard_items(entries, *shard)}
     my_plans = [p for p in plans if p.entry.name in my_names]
     todo = [p for p in my_plans if config.overwrite or not (out_root / p.star).exists()]
-    previews = [preview_file_name(p.star) for p in todo[: config.preview]]
+    preview_stars = {p.star for p in todo[: config.preview]}
+    previews = sorted(preview_file_name(star) for star in preview_stars)
     our_files = [p.star for p in plans] + ([p.box for p in plans] if config.write_box else []) + lists.all()
     ledger.refuse_foreign(our_files + previews)
     ledger.claim(our_files + previews)
 
     summary = PickSummary(threshold=config.threshold, shard=shard, device=str(device), expected=config.expected)
     summary.failed.update({n: r for n, r in plan_failures.items() if n in my_names})
-    summary.skipped = [p.entry.name for p in my_plans if p not in todo]
+    todo_names = {p.entry.name for p in todo}
+    summary.skipped = [p.entry.name for p in my_plans if p.entry.name not in todo_names]
     if shard[1] > 1:
         info(f"shard {shard[0]}/{shard[1]}: {len(my_plans)} of {len(plans)} micrographs", quiet)
     if summary.skipped:
         info(f"{len(summary.skipped)} micrographs already picked in {out_root} (kept; --overwrite redoes them)", quiet)
-    state = _RunState(summary, previews_left=config.preview)
+    state = _RunState(summary, preview_stars=preview_stars)
     if todo:
         scorer = DenseScorer(network, device, record.patch_size // 2, config.tile_size, config.amp)
         _pick_all(todo, scorer, record, config, out_root, state, quiet)
@@ -679,9 +690,9 @@ def _pick_one(loaded: LoadedMicrograph, logits: np.ndarray, scorer: DenseScorer,
     state.summary.outputs.append(star_path)
     state.candidate_scores.append(candidates.score)
     state.processed_pixel_sizes[name] = loaded.pixel_size
-    if state.previews_left > 0:
-        state.previews_left -= 1
-        state.summary.outputs.append(_write_preview(loaded, picks, radius, config, out_root))
+    if loaded.plan.star in state.preview_stars:
+        particle_radius = record.diameter_A / 2 / loaded.pixel_size
+        state.summary.outputs.append(_write_preview(loaded, picks, particle_radius, config, out_root))
     return len(picks)
 
 
@@ -702,6 +713,7 @@ def _note_pixel_size(loaded: LoadedMicrograph, record: PreprocessRecord, state: 
 
 def _write_preview(loaded: LoadedMicrograph, picks: Picks, radius_px: float, config: PickConfig,
                    out_root: Path) -> Path:
+    """The binned micrograph with a circle of the particle's radius at each pick."""
     sy, sx = loaded.scales
     image = preview_image(loaded.binned.numpy(), picks.x / sx, picks.y / sy, picks.score, radius_px / sx,
                           config.threshold)
@@ -790,7 +802,8 @@ def write_run_files(micrographs: str | Path, out_root: Path, out_dir_given: Path
                 rows))
     resolved = config
     if config.radius_px is None and pixel_sizes:
-        resolved = dataclasses.replace(config, radius_px=nms_radius_px(config, record, next(iter(pixel_sizes.values()))))
+        first_pixel_size = next(iter(pixel_sizes.values()))
+        resolved = dataclasses.replace(config, radius_px=nms_radius_px(config, record, first_pixel_size))
     write_text_atomic(target(CONFIG_NAME), dump_yaml(resolved))
     return written
 

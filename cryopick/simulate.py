@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +106,11 @@ class CTFParams:
 
 @dataclass
 class ContaminationBlob:
-    """Union of soft-edged ellipses (centre y, x and per-ellipse offsets, semi-axes, angle in px / rad)."""
+    """Ice contamination: a union of soft-edged ellipses around (y, x).
+
+    Each ellipse is (dy, dx, semi-axis a, semi-axis b, angle): offset from the centre and semi-axes in px,
+    angle in radians.
+    """
 
     y: float
     x: float
@@ -251,7 +255,8 @@ def _ring_atoms(rng, n: int) -> np.ndarray:
 _SHAPE_BUILDERS = {"shell": _shell_atoms, "blob": _blob_atoms, "rod": _rod_atoms, "ring": _ring_atoms}
 
 
-def build_particle_model(shape: str, diameter: float, rng: np.random.Generator, n_atoms: int = N_ATOMS) -> ParticleModel:
+def build_particle_model(shape: str, diameter: float, rng: np.random.Generator,
+                         n_atoms: int = N_ATOMS) -> ParticleModel:
     """Pseudo-atom model of ``shape`` (one of PARTICLE_SHAPES), scaled so its largest radius is ``diameter / 2`` Å."""
     if shape not in _SHAPE_BUILDERS:
         raise CryopickError(f"unknown particle shape {shape!r}; choose one of {', '.join(PARTICLE_SHAPES)}")
@@ -266,32 +271,17 @@ def simulation_model(params: SimulationParams) -> ParticleModel:
     return build_particle_model(params.particle, params.diameter, np.random.default_rng([params.seed, _STREAM_MODEL]))
 
 
-def _splat(shape: tuple[int, int], ys: np.ndarray, xs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """Bilinear splat of point masses onto an image; points off the image are dropped."""
-    ny, nx = shape
-    y0, x0 = np.floor(ys), np.floor(xs)
-    fy, fx = ys - y0, xs - x0
-    y0, x0 = y0.astype(np.int64), x0.astype(np.int64)
-    w = np.ones_like(fy) if weights is None else weights
-    idx, wts = [], []
-    for dy, dx, corner in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
-        yy, xx = y0 + dy, x0 + dx
-        ok = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-        idx.append(yy[ok] * nx + xx[ok])
-        wts.append((corner * w)[ok])
-    flat = np.bincount(np.concatenate(idx), np.concatenate(wts), minlength=ny * nx)
-    return flat.reshape(ny, nx).astype(np.float32)
-
-
-def _projected_atoms(model: ParticleModel, rotations: np.ndarray, pixel_size: float) -> np.ndarray:
-    """(n, N, 2) x, y offsets in px of every atom of every rotated copy, projected along z."""
-    return np.einsum("nj,pkj->pnk", model.atoms / pixel_size, rotations[:, :2, :])
+def _projected_atoms(model: ParticleModel, rotations: np.ndarray, pixel_size: float) -> tuple[np.ndarray, np.ndarray]:
+    """x and y offsets in px, shape (N atoms, n copies), of every rotated copy projected along z."""
+    atoms = (model.atoms / pixel_size).astype(np.float32)
+    rot = rotations.astype(np.float32)
+    return atoms @ rot[:, 0, :].T, atoms @ rot[:, 1, :].T
 
 
 def project_particle(model: ParticleModel, rotation: np.ndarray, pixel_size: float, box: int) -> np.ndarray:
     """Noise-free projection (no CTF) of ``model`` rotated by ``rotation``, centred at (box // 2, box // 2)."""
-    xy = _projected_atoms(model, np.asarray(rotation)[None], pixel_size)[0]
-    image = _splat((box, box), xy[:, 1] + box // 2, xy[:, 0] + box // 2)
+    x, y = _projected_atoms(model, np.asarray(rotation, float)[None], pixel_size)
+    image = _splat_objects((box, box), [(x[:, 0] + box // 2, y[:, 0] + box // 2, None)])
     return ndimage.gaussian_filter(image, ATOM_SIGMA_A / pixel_size)
 
 
@@ -316,40 +306,70 @@ def _frequencies(shape: tuple[int, int], pixel_size: float) -> tuple[np.ndarray,
 def ctf_filter(shape: tuple[int, int], pixel_size: float, ctf: CTFParams) -> np.ndarray:
     """CTF x B-factor envelope x detector MTF on the rfft2 grid (float32); negative at low frequency.
 
-    The sign makes dense objects dark at underfocus, as in real micrographs.
+    CTF = -sin(chi + asin(A)), chi = pi lambda df k^2 - pi/2 Cs lambda^3 k^4: dense objects are dark at
+    underfocus, as in real micrographs.
     """
     ky, kx = _frequencies(shape, pixel_size)
-    k2 = kx * kx + ky * ky
     lam = electron_wavelength(ctf.voltage)
-    angle = np.arctan2(ky, kx) - np.float32(np.deg2rad(ctf.defocus_angle))
-    defocus = 0.5 * (ctf.defocus_u + ctf.defocus_v) + 0.5 * (ctf.defocus_u - ctf.defocus_v) * np.cos(2 * angle)
-    chi = np.pi * lam * defocus * k2 - 0.5 * np.pi * (ctf.cs * 1e7) * lam ** 3 * k2 * k2
-    a = ctf.amplitude_contrast
-    h = -(math.sqrt(1 - a * a) * np.sin(chi) + a * np.cos(chi))
-    h *= np.exp(-0.25 * ctf.b_factor * k2)
-    h *= np.sinc(kx * pixel_size) * np.sinc(ky * pixel_size)
-    return h.astype(np.float32)
+    theta = 2 * math.radians(ctf.defocus_angle)
+    half_astig = 0.5 * (ctf.defocus_u - ctf.defocus_v)
+    k2 = kx * kx + ky * ky
+    # defocus(angle) k^2 = mean k^2 + half_astig ((kx^2 - ky^2) cos 2a + 2 kx ky sin 2a): no arctan needed
+    chi = (kx * kx - ky * ky) * np.float32(half_astig * math.cos(theta))
+    chi += (kx * ky) * np.float32(2 * half_astig * math.sin(theta))
+    chi += k2 * np.float32(0.5 * (ctf.defocus_u + ctf.defocus_v))
+    chi *= np.float32(np.pi * lam)
+    k2 *= k2
+    k2 *= np.float32(0.5 * np.pi * ctf.cs * 1e7 * lam ** 3)
+    chi -= k2
+    chi += np.float32(math.asin(ctf.amplitude_contrast))
+    np.sin(chi, out=chi)
+    chi *= -(np.exp(-0.25 * ctf.b_factor * ky * ky) * np.sinc(ky * pixel_size)).astype(np.float32)
+    chi *= (np.exp(-0.25 * ctf.b_factor * kx * kx) * np.sinc(kx * pixel_size)).astype(np.float32)
+    return chi
 
 
-def atom_filter(shape: tuple[int, int], pixel_size: float) -> np.ndarray:
-    """Fourier transform of one pseudo-atom's Gaussian on the rfft2 grid."""
+def _with_atom_blur(transfer: np.ndarray, shape: tuple[int, int], pixel_size: float) -> np.ndarray:
+    """``transfer`` times the Fourier transform of one pseudo-atom's Gaussian (separable in ky, kx)."""
     ky, kx = _frequencies(shape, pixel_size)
-    return np.exp(-2 * np.pi ** 2 * ATOM_SIGMA_A ** 2 * (kx * kx + ky * ky)).astype(np.float32)
+    c = np.float32(-2 * np.pi ** 2 * ATOM_SIGMA_A ** 2)
+    blurred = transfer * np.exp(c * ky * ky)
+    blurred *= np.exp(c * kx * kx)
+    return blurred
 
 
 def _mean_square_full(filt: np.ndarray, nx: int) -> float:
-    """Mean of |filt|² over the full FFT grid, given its rfft2 half (inner columns count twice)."""
+    """Mean of filt² over the full FFT grid, given its real rfft2 half (inner columns count twice)."""
     weights = np.full(filt.shape[1], 2.0)
     weights[0] = 1.0
     if nx % 2 == 0:
         weights[-1] = 1.0
-    return float((np.abs(filt) ** 2).sum(axis=0) @ weights / (filt.shape[0] * nx))
+    return float(np.einsum("ij,ij->j", filt, filt, dtype=np.float64) @ weights / (filt.shape[0] * nx))
 
 
 def _filtered(image: np.ndarray, filt: np.ndarray) -> np.ndarray:
     spectrum = scipy.fft.rfft2(image, workers=-1)
     spectrum *= filt
-    return scipy.fft.irfft2(spectrum, s=image.shape, workers=-1).astype(np.float32, copy=False)
+    return scipy.fft.irfft2(spectrum, s=image.shape, workers=-1, overwrite_x=True).astype(np.float32, copy=False)
+
+
+def _noise(rng, shape: tuple[int, int], transfer: np.ndarray, white_sigma: float, ice_sigma: float) -> np.ndarray:
+    """White noise (std ``white_sigma``) plus white noise of std ``ice_sigma`` seen through ``transfer``.
+
+    Both are Gaussian with independent Fourier coefficients, so their sum is drawn at once in Fourier space with
+    power white² + ice² transfer²: one random draw and one FFT. A real white image of variance s² has
+    E|F|² = N s² per rfft2 coefficient; a complex normal has E|z|² = 2.
+    """
+    ny, nx = shape
+    amplitude = transfer * transfer
+    amplitude *= np.float32(ice_sigma ** 2)
+    amplitude += np.float32(white_sigma ** 2)
+    np.sqrt(amplitude, out=amplitude)
+    amplitude *= np.float32(math.sqrt(ny * nx / 2))
+    z = rng.standard_normal((ny, nx // 2 + 1, 2), dtype=np.float32).view(np.complex64)[..., 0]
+    z *= amplitude
+    del amplitude
+    return scipy.fft.irfft2(z, s=shape, workers=-1, overwrite_x=True).astype(np.float32, copy=False)
 
 
 def draw_ctf(rng: np.random.Generator, amplitude_contrast: float) -> CTFParams:
@@ -390,8 +410,10 @@ def _draw_contamination(rng, shape, diameter_px: float, enabled: bool) -> list[C
     return blobs
 
 
-def _render_contamination(shape, blobs: list[ContaminationBlob]) -> np.ndarray:
-    """Soft mask in [0, 1]: 1 inside the ice blobs, a tanh edge ``edge_px`` wide."""
+def _render_contamination(shape, blobs: list[ContaminationBlob]) -> np.ndarray | None:
+    """Soft mask in [0, 1]: 1 inside the ice blobs, a tanh edge ``edge_px`` wide; None without blobs."""
+    if not blobs:
+        return None
     ny, nx = shape
     mask = np.zeros(shape, np.float32)
     for b in blobs:
@@ -409,30 +431,49 @@ def _render_contamination(shape, blobs: list[ContaminationBlob]) -> np.ndarray:
     return mask
 
 
-def _render_carbon(rng, shape) -> tuple[np.ndarray, float]:
+def _render_carbon(rng, shape) -> np.ndarray:
     """Carbon film: the side of a straight or gently curved edge covering 10-40 % of the image; soft mask."""
     ny, nx = shape
     theta = rng.uniform(0, 2 * np.pi)
-    normal, tangent = np.array([np.cos(theta), np.sin(theta)]), np.array([-np.sin(theta), np.cos(theta)])
+    normal, tangent = (math.cos(theta), math.sin(theta)), (-math.sin(theta), math.cos(theta))
     curvature = rng.uniform(-1.0, 1.0) / max(ny, nx)
-    yy = np.arange(ny, dtype=np.float32)[:, None] - ny / 2
-    xx = np.arange(nx, dtype=np.float32)[None, :] - nx / 2
-    along = xx * tangent[0] + yy * tangent[1]
-    signed = xx * normal[0] + yy * normal[1] + curvature * along * along
     area = rng.uniform(0.1, 0.4)
-    step = max(1, int(math.sqrt(ny * nx / 250_000)))
-    threshold = np.quantile(signed[::step, ::step], 1 - area)
     edge_px = rng.uniform(1.0, 3.0)
-    mask = 0.5 * (1 + np.tanh((signed - threshold) / edge_px))
-    return mask.astype(np.float32), float(mask.mean())
+
+    def signed_distance(step: int) -> np.ndarray:
+        yy = np.arange(0, ny, step, dtype=np.float32)[:, None] - np.float32(ny / 2)
+        xx = np.arange(0, nx, step, dtype=np.float32)[None, :] - np.float32(nx / 2)
+        along = xx * np.float32(tangent[0]) + yy * np.float32(tangent[1])
+        along *= along
+        along *= np.float32(curvature)
+        along += xx * np.float32(normal[0])
+        along += yy * np.float32(normal[1])
+        return along
+
+    coarse_step = max(1, int(math.sqrt(ny * nx / 250_000)))
+    threshold = float(np.quantile(signed_distance(coarse_step), 1 - area))  # sets the covered fraction
+    mask = signed_distance(1)
+    mask -= np.float32(threshold)
+    mask *= np.float32(1 / edge_px)
+    np.tanh(mask, out=mask)
+    mask += 1
+    mask *= 0.5
+    return mask
 
 
-def _distance_map(obstacle: np.ndarray, cell: int) -> np.ndarray:
-    """Distance in px from each ``cell``-sized block to the nearest obstacle pixel (inf-free: large if none)."""
-    coarse = obstacle[cell // 2::cell, cell // 2::cell]
-    if not coarse.any():
-        return np.full(coarse.shape, 1e9, np.float32)
-    return (ndimage.distance_transform_edt(~coarse) * cell).astype(np.float32)
+def _distance_map(obstacle_coarse: np.ndarray, cell: int) -> np.ndarray:
+    """Distance in px from each ``cell``-sized block to the nearest obstacle block (1e9 if there is none)."""
+    if not obstacle_coarse.any():
+        return np.full(obstacle_coarse.shape, 1e9, np.float32)
+    return (ndimage.distance_transform_edt(~obstacle_coarse) * cell).astype(np.float32)
+
+
+def _coarse(mask: np.ndarray | None, shape, cell: int) -> np.ndarray:
+    """``mask`` sampled at the centre of each ``cell``-sized block (zeros when there is no mask)."""
+    if mask is None:
+        ny, nx = shape
+        return np.zeros((len(range(cell // 2, ny, cell)), len(range(cell // 2, nx, cell))), np.float32)
+    return mask[cell // 2::cell, cell // 2::cell]
 
 
 def _lookup(coarse: np.ndarray, cell: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -451,7 +492,10 @@ def _target_inside_count(rng, params: SimulationParams) -> int:
 
 def _place_particles(rng, params: SimulationParams, n_inside: int, contamination_distance: np.ndarray,
                      carbon_coarse: np.ndarray, cell: int) -> np.ndarray:
-    """Random sequential placement with a minimum centre distance; centres may lie a little off the image."""
+    """Random sequential placement with a minimum centre distance; centres may lie a little off the image.
+
+    Returns (n, 2) x, y. Particles keep half a diameter from ice contamination and are rarer on carbon.
+    """
     ny, nx = params.shape
     d = params.diameter_px
     margin = EDGE_MARGIN_FRACTION * d
@@ -460,9 +504,8 @@ def _place_particles(rng, params: SimulationParams, n_inside: int, contamination
     min_dist = MIN_DISTANCE_FRACTION * d
     grid: dict[tuple[int, int], list[tuple[float, float]]] = {}
     placed: list[tuple[float, float]] = []
-    attempts, max_attempts = 0, 40 * n_total + 1000
+    attempts, max_attempts, batch = 0, 40 * n_total + 1000, 1024
     while len(placed) < n_total and attempts < max_attempts:
-        batch = 1024
         attempts += batch
         ys = rng.uniform(-margin, ny - 1 + margin, batch)
         xs = rng.uniform(-margin, nx - 1 + margin, batch)
@@ -478,12 +521,12 @@ def _place_particles(rng, params: SimulationParams, n_inside: int, contamination
                 if len(placed) == n_total:
                     break
     yx = np.array(placed, dtype=np.float64).reshape(-1, 2)
-    return yx[:, ::-1].copy()  # x, y
+    return yx[:, ::-1].copy()
 
 
 def _place_junk(rng, params: SimulationParams, centres: np.ndarray, contamination_distance: np.ndarray,
                 cell: int) -> np.ndarray:
-    """Small compact blobs inside the image, touching particles at most (x, y, radius in px)."""
+    """Small compact blobs inside the image that at most touch a particle: (m, 3) x, y, radius in px."""
     ny, nx = params.shape
     d = params.diameter_px
     n = rng.poisson(params.junk_per_micrograph) if params.junk_per_micrograph > 0 else 0
@@ -502,8 +545,8 @@ def _place_junk(rng, params: SimulationParams, centres: np.ndarray, contaminatio
     return np.array(junk, dtype=np.float64).reshape(-1, 3)
 
 
-def _disc_union(shape, centres: np.ndarray, diameter_px: float) -> np.ndarray:
-    """Boolean mask of the union of discs of the particle diameter around ``centres`` (x, y)."""
+def disc_union(shape, centres: np.ndarray, diameter_px: float) -> np.ndarray:
+    """Boolean mask of the union of discs of the particle diameter around ``centres`` (x, y): the SNR region."""
     ny, nx = shape
     r = diameter_px / 2
     mask = np.zeros(shape, bool)
@@ -518,124 +561,179 @@ def _disc_union(shape, centres: np.ndarray, diameter_px: float) -> np.ndarray:
     return mask
 
 
+@dataclass
+class _Layout:
+    contamination: np.ndarray | None  # soft mask
+    carbon: np.ndarray | None  # soft mask
+    n_contamination: int
+    centres: np.ndarray  # (n, 2) x, y
+    junk: np.ndarray  # (m, 3) x, y, radius
+    obstacle_distance: np.ndarray  # coarse distance (px) to ice or carbon
+    cell: int
+
+
+def _draw_layout(rng, params: SimulationParams) -> _Layout:
+    shape = params.shape
+    d = params.diameter_px
+    cell = max(1, int(d // 8))
+    blobs = _draw_contamination(rng, shape, d, params.contamination)
+    contamination = _render_contamination(shape, blobs)
+    carbon = _render_carbon(rng, shape) if rng.random() < params.carbon_probability else None
+    ice_coarse = _coarse(contamination, shape, cell) > 0.5
+    carbon_coarse = _coarse(carbon, shape, cell)
+    contamination_distance = _distance_map(ice_coarse, cell)
+    centres = _place_particles(rng, params, _target_inside_count(rng, params), contamination_distance,
+                               carbon_coarse, cell)
+    junk = _place_junk(rng, params, centres, contamination_distance, cell)
+    return _Layout(contamination, carbon, len(blobs), centres, junk,
+                   _distance_map(ice_coarse | (carbon_coarse > 0.5), cell), cell)
+
+
 # --------------------------------------------------------------------------------------------------
 # One micrograph
 # --------------------------------------------------------------------------------------------------
 
+def _splat_objects(shape, objects: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> np.ndarray:
+    """Add each object's points (x px, y px, weights) to the nearest pixel of one image, one small box at a time.
+
+    Working per object keeps the scratch memory to one box instead of an image-sized histogram.
+    """
+    ny, nx = shape
+    image = np.zeros(shape, np.float32)
+    for xs, ys, weights in objects:
+        ix, iy = np.rint(xs).astype(np.int64), np.rint(ys).astype(np.int64)
+        x0, y0 = max(int(ix.min()), 0), max(int(iy.min()), 0)
+        x1, y1 = min(int(ix.max()) + 1, nx), min(int(iy.max()) + 1, ny)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        ok = (ix >= x0) & (ix < x1) & (iy >= y0) & (iy < y1)
+        width = x1 - x0
+        local = np.bincount((iy[ok] - y0) * width + (ix[ok] - x0), None if weights is None else weights[ok],
+                            minlength=(y1 - y0) * width)
+        image[y0:y1, x0:x1] += local.reshape(y1 - y0, width).astype(np.float32)
+    return image
+
+
 def _render_particles(shape, model: ParticleModel, centres: np.ndarray, rotations: np.ndarray,
                       pixel_size: float) -> np.ndarray:
-    if len(centres) == 0:
-        return np.zeros(shape, np.float32)
-    xy = _projected_atoms(model, rotations, pixel_size) + centres[:, None, :]
-    return _splat(shape, xy[..., 1].ravel(), xy[..., 0].ravel())
+    x, y = _projected_atoms(model, rotations, pixel_size)
+    return _splat_objects(shape, [(x[:, i] + np.float32(cx), y[:, i] + np.float32(cy), None)
+                                  for i, (cx, cy) in enumerate(centres)])
 
 
 def _render_junk(rng, shape, junk: np.ndarray, pixel_size: float, diameter_px: float) -> np.ndarray:
     """Junk as random pseudo-atom blobs, 1-2x as dense in projection as a particle."""
-    if len(junk) == 0:
-        return np.zeros(shape, np.float32)
-    xs, ys, ws = [], [], []
+    objects = []
     for x, y, radius in junk:
         blob = build_particle_model("blob", 2 * radius * pixel_size, rng, n_atoms=400)
-        xs.append(blob.atoms[:, 0] / pixel_size + x)
-        ys.append(blob.atoms[:, 1] / pixel_size + y)
         mass = N_ATOMS * (2 * radius / diameter_px) ** 2 * rng.uniform(1.0, 2.0)
-        ws.append(np.full(400, mass / 400))
-    return _splat(shape, np.concatenate(ys), np.concatenate(xs), np.concatenate(ws))
+        objects.append((blob.atoms[:, 0] / pixel_size + x, blob.atoms[:, 1] / pixel_size + y,
+                        np.full(len(blob.atoms), mass / len(blob.atoms))))
+    return _splat_objects(shape, objects)
 
 
 def _ice_gradient(rng, shape) -> np.ndarray:
     """A linear ramp in a random direction spanning [-1, 1] (thicker ice on one side)."""
     ny, nx = shape
     theta = rng.uniform(0, 2 * np.pi)
-    yy = np.linspace(-1, 1, ny, dtype=np.float32)[:, None]
-    xx = np.linspace(-1, 1, nx, dtype=np.float32)[None, :]
-    ramp = xx * np.float32(np.cos(theta)) + yy * np.float32(np.sin(theta))
-    return ramp / max(float(np.abs(ramp).max()), 1e-6)
+    yy = np.linspace(-1, 1, ny, dtype=np.float32)[:, None] * np.float32(math.sin(theta))
+    xx = np.linspace(-1, 1, nx, dtype=np.float32)[None, :] * np.float32(math.cos(theta))
+    return (xx + yy) / np.float32(max(abs(xx).max() + abs(yy).max(), 1e-6))
 
 
-def simulate_micrograph(params: SimulationParams, index: int, model: ParticleModel | None = None) -> SimulatedMicrograph:
+def _distractors(rng, params: SimulationParams, layout: _Layout, transfer: np.ndarray,
+                 noise_sigma: float) -> np.ndarray:
+    """Ice, carbon and junk: phase objects through the CTF plus the amplitude loss of thick ice and carbon.
+
+    The amplitude term makes ice and carbon dark whatever the defocus, as in real micrographs.
+    """
+    shape = params.shape
+    d = params.diameter_px
+    particle_density = N_ATOMS / (np.pi * (d / 2) ** 2)  # mean projected mass per px over a particle disc
+    phase = _render_junk(rng, shape, layout.junk, params.pixel_size, d)
+    absorption = np.zeros(shape, np.float32)
+    scratch = np.empty(shape, np.float32)
+    if layout.contamination is not None:
+        phase += np.multiply(layout.contamination, np.float32(rng.uniform(1.5, 3.0) * particle_density), out=scratch)
+        absorption -= np.multiply(layout.contamination, np.float32(rng.uniform(3.0, 6.0) * noise_sigma), out=scratch)
+    if layout.carbon is not None:
+        texture_sigma = math.sqrt(rng.uniform(0.3, 0.8) * noise_sigma ** 2
+                                  / max(_mean_square_full(transfer, shape[1]), 1e-12))
+        texture = rng.standard_normal(dtype=np.float32, out=scratch)
+        texture *= np.float32(texture_sigma)
+        texture += np.float32(rng.uniform(1.0, 2.0) * particle_density)
+        texture *= layout.carbon
+        phase += texture
+        absorption -= np.multiply(layout.carbon, np.float32(rng.uniform(0.5, 1.5) * noise_sigma), out=scratch)
+    del scratch
+    if layout.contamination is None and layout.carbon is None and len(layout.junk) == 0:
+        return absorption
+    absorption += _filtered(phase, transfer)
+    return absorption
+
+
+def simulate_micrograph(params: SimulationParams, index: int,
+                        model: ParticleModel | None = None) -> SimulatedMicrograph:
     """Micrograph ``index`` of the simulation ``params`` (deterministic per seed and index)."""
+    params = replace(params, shape=(int(params.shape[0]), int(params.shape[1])))
     model = model or simulation_model(params)
     rng = np.random.default_rng([params.seed, _STREAM_MICROGRAPH, index])
-    shape = tuple(params.shape)
+    shape = params.shape
+    ny, nx = shape
     d = params.diameter_px
     ctf = draw_ctf(rng, simulation_amplitude_contrast(params))
-    cell = max(1, int(d // 8))
-
-    blobs = _draw_contamination(rng, shape, d, params.contamination)
-    contamination = _render_contamination(shape, blobs)
-    has_carbon = rng.random() < params.carbon_probability
-    carbon, carbon_area = _render_carbon(rng, shape) if has_carbon else (np.zeros(shape, np.float32), 0.0)
-    contamination_distance = _distance_map(contamination > 0.5, cell)
-    obstacle_distance = _distance_map((contamination > 0.5) | (carbon > 0.5), cell)
-    carbon_coarse = carbon[cell // 2::cell, cell // 2::cell]
-
-    centres = _place_particles(rng, params, _target_inside_count(rng, params), contamination_distance,
-                               carbon_coarse, cell)
-    junk = _place_junk(rng, params, centres, contamination_distance, cell)
+    layout = _draw_layout(rng, params)
+    centres = layout.centres
     rotations = random_rotations(len(centres), rng)
 
     transfer = ctf_filter(shape, params.pixel_size, ctf)
-    blurred_transfer = transfer * atom_filter(shape, params.pixel_size)
+    blurred_transfer = _with_atom_blur(transfer, shape, params.pixel_size)
     signal = _filtered(_render_particles(shape, model, centres, rotations, params.pixel_size), blurred_transfer)
-    discs = _disc_union(shape, centres, d)
+    discs = disc_union(shape, centres, d)
     signal_var = float(signal[discs].var()) if discs.any() else 0.0
     noise_sigma = math.sqrt(signal_var / params.snr) if signal_var > 0 else 1.0
 
-    # Distractors: phase objects through the CTF (junk, ice and carbon thickness, carbon texture) plus the
-    # amplitude loss of thick ice and carbon, which makes them dark whatever the defocus.
-    particle_density = N_ATOMS / (np.pi * (d / 2) ** 2)
-    phase = _render_junk(rng, shape, junk, params.pixel_size, d)
-    phase += contamination * np.float32(rng.uniform(1.5, 3.0) * particle_density)
-    absorption = -contamination * np.float32(rng.uniform(3.0, 6.0) * noise_sigma)
-    if has_carbon:
-        texture_sigma = math.sqrt(rng.uniform(0.3, 0.8) * noise_sigma ** 2
-                                  / max(_mean_square_full(blurred_transfer, shape[1]), 1e-12))
-        texture = rng.standard_normal(shape, dtype=np.float32) * np.float32(texture_sigma)
-        phase += carbon * (np.float32(rng.uniform(1.0, 2.0) * particle_density) + texture)
-        absorption -= carbon * np.float32(rng.uniform(0.5, 1.5) * noise_sigma)
-    distractors = _filtered(phase, blurred_transfer) + absorption if phase.any() else absorption
+    distractors = _distractors(rng, params, layout, blurred_transfer, noise_sigma)
+    ice_sigma = math.sqrt(ICE_NOISE_FRACTION / max(_mean_square_full(transfer, nx), 1e-12)) * noise_sigma
+    noise = _noise(rng, shape, transfer, math.sqrt(1 - ICE_NOISE_FRACTION) * noise_sigma, ice_sigma)
+    background = _ice_gradient(rng, shape)
+    background *= np.float32(rng.uniform(0.1, 0.5) * noise_sigma)
 
-    ice_sigma = math.sqrt(ICE_NOISE_FRACTION * noise_sigma ** 2 / max(_mean_square_full(transfer, shape[1]), 1e-12))
-    noise = _filtered(rng.standard_normal(shape, dtype=np.float32) * np.float32(ice_sigma), transfer)
-    noise += rng.standard_normal(shape, dtype=np.float32) * np.float32(math.sqrt(1 - ICE_NOISE_FRACTION) * noise_sigma)
-    background = _ice_gradient(rng, shape) * np.float32(rng.uniform(0.1, 0.5) * noise_sigma)
-
-    image = signal + distractors + noise + background
-    mean, std = float(image.mean()), float(image.std()) or 1.0
+    image = signal + distractors
+    image += noise
+    image += background
+    mean, std = float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64)) or 1.0
+    image -= np.float32(mean)
+    background -= np.float32(mean)
     scale = np.float32(1.0 / std)
-    signal *= scale
-    distractors *= scale
-    noise *= scale
-    background = (background - np.float32(mean)) * scale
-    image = signal + distractors + noise + background
+    for part in (image, signal, distractors, noise, background):
+        part *= scale
 
-    ny, nx = shape
-    inside = ((centres[:, 0] >= 0) & (centres[:, 0] <= nx - 1) & (centres[:, 1] >= 0) & (centres[:, 1] <= ny - 1)
-              if len(centres) else np.zeros(0, bool))
+    inside = ((centres[:, 0] >= 0) & (centres[:, 0] <= nx - 1) & (centres[:, 1] >= 0) & (centres[:, 1] <= ny - 1))
     truth = centres[inside]
     edge = np.minimum.reduce([truth[:, 0], truth[:, 1], nx - 1 - truth[:, 0], ny - 1 - truth[:, 1]]) \
         if len(truth) else np.zeros(0)
-    snr_measured = float(signal[discs].var() / noise.var()) if discs.any() else 0.0
+    snr_measured = float(signal[discs].var() / noise.var(dtype=np.float64)) if discs.any() else 0.0
     return SimulatedMicrograph(
         image=image, particle_signal=signal, distractors=distractors, noise=noise, background=background,
-        centres=centres, inside=inside, junk=junk, ctf=ctf, snr_measured=snr_measured,
-        label_distance=_label_distances(centres, inside, junk, obstacle_distance, cell, edge),
+        centres=centres, inside=inside, junk=layout.junk, ctf=ctf, snr_measured=snr_measured,
+        label_distance=_label_distances(centres, inside, layout, edge),
         facts={
             "n_particles": int(inside.sum()),
             "n_placed": int(len(centres)),
             "n_partial_outside": int((edge < d / 2).sum()),
-            "n_junk": int(len(junk)),
-            "n_contamination": len(blobs),
-            "carbon": bool(has_carbon),
-            "carbon_area_fraction": round(carbon_area, 4),
+            "n_junk": int(len(layout.junk)),
+            "n_contamination": layout.n_contamination,
+            "carbon": layout.carbon is not None,
+            "carbon_area_fraction": round(float(layout.carbon.mean(dtype=np.float64)), 4)
+            if layout.carbon is not None else 0.0,
             "snr_measured": round(snr_measured, 5),
         },
     )
 
 
-def _label_distances(centres, inside, junk, obstacle_distance, cell, edge) -> dict[str, np.ndarray]:
+def _label_distances(centres: np.ndarray, inside: np.ndarray, layout: _Layout,
+                     edge: np.ndarray) -> dict[str, np.ndarray]:
     """Per truth particle: nearest neighbour, nearest junk edge, nearest ice/carbon and image edge (px)."""
     truth = centres[inside]
     if len(truth) == 0:
@@ -645,12 +743,13 @@ def _label_distances(centres, inside, junk, obstacle_distance, cell, edge) -> di
         neighbour = cKDTree(centres).query(truth, k=2)[0][:, 1]
     else:
         neighbour = np.full(len(truth), np.inf)
+    junk = layout.junk
     if len(junk):
         gaps = np.hypot(truth[:, None, 0] - junk[None, :, 0], truth[:, None, 1] - junk[None, :, 1]) - junk[None, :, 2]
         junk_gap = gaps.min(axis=1)
     else:
         junk_gap = np.full(len(truth), np.inf)
-    obstacle = _lookup(obstacle_distance, cell, truth[:, 1], truth[:, 0]).astype(float)
+    obstacle = _lookup(layout.obstacle_distance, layout.cell, truth[:, 1], truth[:, 0]).astype(float)
     return {"neighbour": neighbour, "junk": junk_gap, "obstacle": obstacle, "edge": edge}
 
 
@@ -714,9 +813,13 @@ def make_labels(params: SimulationParams, micrographs: dict[int, tuple[np.ndarra
 # --------------------------------------------------------------------------------------------------
 
 def validate_params(params: SimulationParams) -> None:
-    """Raise CryopickError naming the first unusable parameter."""
+    """Raise one CryopickError listing every unusable parameter."""
+    try:
+        ny, nx = (int(v) for v in params.shape)
+    except (TypeError, ValueError):
+        raise CryopickError(f"invalid simulation parameters: shape {params.shape!r} must be two integers "
+                            "(rows, columns)") from None
     problems = []
-    ny, nx = params.shape
     if params.n_micrographs < 1:
         problems.append("n_micrographs must be at least 1")
     if min(ny, nx) < 16:
@@ -753,7 +856,7 @@ def _prepare_output_dir(out: Path, overwrite: bool) -> None:
     if (out / "case.json").exists():
         if not overwrite:
             raise CryopickError(f"{out}: already holds a simulation (case.json); choose an empty directory "
-                                "or overwrite it")
+                                "or replace it with --overwrite")
         for sub, pattern in (("micrographs", "*.mrc"), ("truth", "*.star"), ("labels", "*.star")):
             for path in (out / sub).glob(pattern):
                 path.unlink()
@@ -769,7 +872,7 @@ def _prepare_output_dir(out: Path, overwrite: bool) -> None:
 def _to_output_dtype(image: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "int16":
         return np.clip(np.round(INT16_OFFSET + INT16_SCALE * image), -32768, 32767).astype(np.int16)
-    return image.astype(dtype)
+    return image.astype(dtype, copy=False)
 
 
 def _case_header(params: SimulationParams, model: ParticleModel, amplitude_contrast: float) -> dict:
@@ -827,8 +930,8 @@ def simulate(out_dir: str | Path, params: SimulationParams | None = None, quiet:
     Returns the case.json dictionary. Refuses a directory that already holds a simulation unless ``overwrite``.
     """
     params = params or SimulationParams()
-    params.shape = (int(params.shape[0]), int(params.shape[1]))
     validate_params(params)
+    params = replace(params, shape=(int(params.shape[0]), int(params.shape[1])))
     out = Path(out_dir)
     _prepare_output_dir(out, overwrite)
     model = simulation_model(params)
@@ -851,6 +954,7 @@ def simulate(out_dir: str | Path, params: SimulationParams | None = None, quiet:
             if params.particles_per_micrograph and len(truth) < 0.9 * params.particles_per_micrograph:
                 warn(f"{stem}: only {len(truth)} of {params.particles_per_micrograph} particles fit "
                      "(minimum distance and contamination)")
+            del mic  # frees its image-sized arrays before the next micrograph allocates its own
             bar.advance(task)
 
     labels = make_labels(params, truths)

@@ -15,6 +15,7 @@ import csv
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +186,7 @@ def step_loss(student, teacher_model, views: Views, config: TrainConfig, prior: 
         logits = student(torch.cat(parts)).float()  # one forward: BatchNorm sees the whole batch
     lp, lu = logits[:n_p], logits[n_p:n_p + n_u]
     pu = nnpu_loss(lp, lu, prior, beta=config.loss.nnpu_beta, gamma=config.loss.nnpu_gamma,
-                   defitting=config.loss.defitting)
+                   defitting=config.loss.defitting, balanced_prior=config.loss.balanced_prior)
     lam_c = config.loss.lambda_cons * ramp(epoch_f, *config.loss.cons_ramp_epochs)
     lam_e = config.loss.lambda_ent * ramp(epoch_f, *config.loss.ent_ramp_epochs)
     loss = pu.loss
@@ -235,7 +236,7 @@ def predict(model: torch.nn.Module, patches: torch.Tensor, device: torch.device,
 
 
 def validate(model, split: SplitData, prior: float, radius_original_px: float, device, autocast,
-             max_patches: int, channels_last: bool) -> dict:
+             max_patches: int, channels_last: bool, threshold: float = 0.5) -> dict:
     """PU metrics (positives vs unlabeled), the PU-corrected AUC, and true metrics when truth is known."""
     if len(split.positive) == 0 or len(split.unlabeled) == 0:
         return {}
@@ -245,13 +246,13 @@ def validate(model, split: SplitData, prior: float, radius_original_px: float, d
     p_unl = predict(model, unl, device, autocast, channels_last=channels_last)
     scores = np.concatenate([p_pos, p_unl])
     labels = np.concatenate([np.ones(len(p_pos)), np.zeros(len(p_unl))])
-    m = binary_metrics(scores, labels, 0.5)
+    m = binary_metrics(scores, labels, threshold)
     out = {"val_auc_pu": m["auc"], "val_auc_pn": pu_corrected_auc(m["auc"], prior),
            "val_precision": m["precision"], "val_recall": m["recall"], "val_f1": m["f1"]}
     td = split.unlabeled_truth_distance[:n_u].cpu().numpy()
     if len(td) and np.isfinite(td).any():
         true_u = (td <= radius_original_px).astype(float)
-        t = binary_metrics(scores, np.concatenate([np.ones(len(p_pos)), true_u]), 0.5)
+        t = binary_metrics(scores, np.concatenate([np.ones(len(p_pos)), true_u]), threshold)
         out.update({"val_true_auc": t["auc"], "val_true_precision": t["precision"],
                     "val_true_recall": t["recall"], "val_true_f1": t["f1"]})
     return out
@@ -378,8 +379,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, qu
                                                                                    prior))
 
     interrupted = False
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # cluster schedulers stop jobs with SIGTERM
+    rng_snapshot = None
+    stop_request = StopRequest()
     try:
         with progress_bar(quiet or not dist.main, extra="loss {task.fields[loss]:.4f}") as progress:
             task = progress.add_task("train", total=total_steps, loss=float("nan"),
@@ -398,6 +399,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, qu
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     epoch_f = epoch + step / sampler.steps_per_epoch
+                    rng_snapshot = _rng_snapshot(gen)  # Ctrl-C mid-step rewinds to here, so resume is exact
                     views = make_views(xp, xu, config, shift_px, gen)
                     loss, logs = step_loss(forward, teacher_model, views, config, prior, epoch_f, autocast)
                     optimisation_step(loss, optimizer, teacher, model)
@@ -409,6 +411,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, qu
                     n_steps += 1
                     n_samples += len(xp) + len(xu)
                     progress.update(task, advance=1, loss=logs["loss"])
+                    if stop_request.requested:
+                        raise KeyboardInterrupt
                 row = {"epoch": epoch, "step": state["global_step"], "prior": prior}
                 row.update({k: v / max(1, n_steps) for k, v in sums.items()})
                 row["samples_per_s"] = n_samples * dist.world / max(1e-9, time.perf_counter() - t0)
@@ -428,16 +432,53 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, qu
                     break
     except KeyboardInterrupt:
         interrupted = True
+        if rng_snapshot is not None and not stop_request.requested:
+            _rng_restore(gen, rng_snapshot)  # a hard stop inside a step: redo that step on resume
         if dist.main:
             save(last_path, state["history"][-1] if state["history"] else {})
             warn(f"interrupted: state saved to {last_path}; continue with --resume")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        stop_request.close()
         log.close()
         dist.close()
     if dist.main and not best_path.exists() and last_path.exists() and not interrupted:
         save(best_path, state["history"][-1] if state["history"] else {})
     return TrainResult(exp_dir, state["best"], state["best_epoch"], state["epoch"], state["history"], interrupted)
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM (cluster schedulers) asks to stop after the current step, so the saved state is
+    exactly a step boundary; a second signal stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        warn("stopping after this step and saving a resumable state (press Ctrl-C again to stop at once)")
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _rng_snapshot(gen: torch.Generator) -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return gen.get_state(), torch.get_rng_state(), cuda
+
+
+def _rng_restore(gen: torch.Generator, snapshot: tuple) -> None:
+    gen_state, cpu_state, cuda_states = snapshot
+    gen.set_state(gen_state)
+    torch.set_rng_state(cpu_state)
+    if cuda_states:
+        torch.cuda.set_rng_state_all(cuda_states)
 
 
 def _track_best(state: dict, row: dict, config: TrainConfig, save, best_path: Path) -> bool:
@@ -483,3 +524,34 @@ def _restore(path: Path, model, teacher, optimizer, gen: torch.Generator, device
     state = dict(ts["loop"])
     state["history"] = list(ts["history"])
     return state
+
+
+def evaluate_patches(checkpoint: str | Path, data_dir: str | Path, split: str = "val", threshold: float = 0.5,
+                     device: str = "auto", prior: float | None = None) -> dict:
+    """Patch-level metrics of a checkpoint's EMA teacher on an extracted dataset (AUC, precision, recall, F1).
+
+    Positives vs unlabeled give the PU metrics and the PU-corrected AUC; a dataset extracted with
+    ``--truth`` also gives the true metrics (unlabeled patches labelled by the ground truth), on the
+    same footing as the design document's table.
+    """
+    from cryopick.checkpoint import model_from_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    dataset = load_dataset(data_dir)
+    if split not in ("train", "val", "all"):
+        raise CryopickError(f"split must be train, val or all, got {split}")
+    parts = [dataset.train, dataset.val] if split == "all" else [getattr(dataset, split)]
+    data = SplitData(torch.cat([p.positive for p in parts]), torch.cat([p.unlabeled for p in parts]),
+                     torch.cat([p.unlabeled_truth_distance for p in parts]))
+    dev = resolve_device(device)
+    model = model_from_checkpoint(ckpt).to(dev)
+    cfg = ckpt["config"]
+    pi = prior if prior is not None else float(ckpt.get("training_state", {}).get("prior") or cfg["loss"]["prior"])
+    radius = cfg["data"]["max_shift"] * dataset.record.diameter_binned_px * dataset.record.bin_factor
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else \
+        (lambda: torch.autocast("cpu", enabled=False))
+    metrics = validate(model, data, pi, radius, dev, autocast, max_patches=len(data.unlabeled),
+                       channels_last=False, threshold=threshold)
+    metrics.update({"n_positive": len(data.positive), "n_unlabeled": len(data.unlabeled), "prior": pi,
+                    "split": split, "threshold": threshold})
+    return metrics

@@ -288,10 +288,16 @@ def _read_suffix_node(path: Path) -> list[CoordinateTable]:
     """RELION 3.1 ``coords_suffix<S>``: the coordinate files are ``<its directory>/**/*<S>``."""
     suffix = path.name[len(_SUFFIX_NODE_PREFIX):]
     files = sorted(p for p in path.parent.rglob(f"*{suffix}") if p != path and _is_candidate(p)
-                   and not p.name.startswith(_SUFFIX_NODE_PREFIX))
+                   and not p.name.startswith(_SUFFIX_NODE_PREFIX) and not _is_coordinate_list(p))
     if not suffix or not files:
         raise InputFileError(path, f"RELION suffix file, but no coordinate files *{suffix} beside it in {path.parent}")
     return [table for file in files for table in _read_tables(file, None, allow_list=False)]
+
+
+def _is_coordinate_list(path: Path) -> bool:
+    """A RELION 4/5 ``coordinate_files`` list (e.g. pick's ``coordinates_<suffix>.star``), not a coordinate file."""
+    head = _read_head(path)
+    return _looks_like_star(head) and "_rlnMicrographCoordinates" in head
 
 
 # --- plain text ------------------------------------------------------------------------------------------------

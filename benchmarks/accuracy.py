@@ -1,0 +1,639 @@
+"""Picking accuracy: cryopick vs Topaz (topaz-em 0.3.20) on data with known truth, plus cryopick's ablation.
+
+Not a test: runs the full chains and writes a table. For each case (simulated at several SNRs and particle
+shapes, plus ../shared/data/dev-shell when present) both pickers train on the same sparse labels:
+
+- cryopick: extract → train (nnPU + Selective FixMatch, EMA teacher) → pick (every peak, threshold 0).
+- Topaz, its documented workflow (../shared/docs/topaz.md): preprocess -s DS → convert -s DS → train -n N →
+  extract -r R -x DS, once with its stock prior and once with the corrected prior of topaz.md (the better
+  is Topaz's figure), and its shipped pretrained resnet16 (no training).
+
+Everything is scored by cryopick.evaluate with one radius, half the particle diameter in original pixels,
+on every micrograph (labelled ones included, as both pickers train on them as unlabeled data too) and
+separately on the micrographs without labels. The ablation (selective vs all vs none, with/without the
+EMA teacher) runs on one case with the same data and budget.
+
+    python benchmarks/accuracy.py                       # CPU profile, < 1 h on 2 cores, writes RESULTS.md
+    python benchmarks/accuracy.py --quick --out /tmp/acc-quick     # tiny, checks the script (~5 min)
+    python benchmarks/accuracy.py --gpu                 # design defaults (resnet18, 50 epochs; Topaz defaults)
+    python benchmarks/accuracy.py --cases shell-snr0.05,dev-shell --skip-topaz
+
+Topaz is installed by benchmarks/topaz_env.sh into its own virtual environment (reused when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from cryopick.config import ExtractConfig, PickConfig, TrainConfig, resolve
+from cryopick.evaluate import evaluate
+from cryopick.extract import extract
+from cryopick.fsutil import write_json_atomic, write_text_atomic
+from cryopick.io.coords import read_coordinates
+from cryopick.io.micrographs import find_micrographs
+from cryopick.io.mrc import read_header
+from cryopick.pick import pick
+from cryopick.simulate import SimulationParams, simulate
+from cryopick.train import train
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+SHARED_DEV = REPO.parent / "shared" / "data" / "dev-shell"
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+SECTION = "## Accuracy"
+TOPAZ_LABEL_RADIUS = 3  # topaz train -r default (downsampled px)
+TOPAZ_EXTRACT_THRESHOLD = -20.0  # logit; low so the ranked list, not the cut-off, decides AP
+TOPAZ_TARGET_DIAMETER_PX = 20.0  # downsample so the particle spans ~20 px, well inside the 71-px receptive field
+
+
+# ---------------------------------------------------------------------------------------------
+# profiles (budgets) and cases
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    backbone: str
+    epochs: int
+    steps_per_epoch: int | None  # None: cryopick's default (one pass over the data)
+    device: str  # cryopick device
+    topaz_device: int  # -1 = CPU
+    topaz_epochs: int
+    topaz_epoch_size: int
+    topaz_minibatch: int
+    topaz_threads: int
+    sim_micrographs: int
+    sim_size: int
+    design_ramps: bool  # True: the config's loss ramps (made for 50 epochs); False: scaled to the budget
+
+    def cryopick_budget(self) -> str:
+        steps = self.steps_per_epoch if self.steps_per_epoch else "auto"
+        return f"{self.backbone} {self.epochs}×{steps} steps×32"
+
+    def topaz_budget(self) -> str:
+        return f"resnet8 {self.topaz_epochs}×{self.topaz_epoch_size} upd×{self.topaz_minibatch}"
+
+
+PROFILES = {
+    # ~2-3 min of training each on 2 free cores; Topaz's budget is sized to a similar training wall time
+    "cpu": Profile("cpu", "resnet8", 10, 25, "cpu", -1, 4, 60, 128, 2, 6, 1024, False),
+    "quick": Profile("quick", "resnet8", 2, 3, "cpu", -1, 1, 3, 32, 2, 2, 512, False),
+    "gpu": Profile("gpu", "resnet18", 50, None, "cuda", 0, 10, 1000, 256, 8, 8, 2048, True),
+}
+
+
+@dataclass(frozen=True)
+class SimCase:
+    name: str
+    particle: str
+    snr: float
+    seed: int
+    note: str
+
+
+SIM_CASES = {c.name: c for c in (
+    SimCase("shell-snr0.05", "shell", 0.05, 11, "hollow shell, medium SNR (ablation case)"),
+    SimCase("blob-snr0.02", "blob", 0.02, 12, "compact blob, low SNR"),
+    SimCase("rod-snr0.1", "rod", 0.10, 13, "elongated rod, higher SNR"),
+)}
+DEV_CASE = "dev-shell"
+DEFAULT_CASES = ["shell-snr0.05", "blob-snr0.02", "rod-snr0.1", DEV_CASE]
+ABLATION_CASE = "shell-snr0.05"
+ABLATION = [  # (method label, loss.consistency, model.use_ema)
+    ("cryopick selective+EMA", "selective", True),
+    ("cryopick all (FixMatch)+EMA", "all", True),
+    ("cryopick none (PU only)+EMA", "none", True),
+    ("cryopick selective, no EMA", "selective", False),
+]
+
+
+@dataclass
+class PreparedCase:
+    """A case on disk, in the form both pickers read."""
+
+    name: str
+    note: str
+    micrographs: str  # STAR or glob cryopick reads
+    mrc_paths: list[Path]
+    labels: Path  # directory of STAR files (cryopick)
+    labels_topaz: Path  # Topaz table, original px
+    truth: Path
+    truth_unlabelled: Path  # truth of the micrographs without labels only
+    diameter_A: float
+    pixel_size: float
+    n_micrographs: int
+    n_truth: int
+    n_labels: int
+
+    @property
+    def diameter_px(self) -> float:
+        return self.diameter_A / self.pixel_size
+
+    @property
+    def radius_px(self) -> float:
+        return self.diameter_px / 2
+
+    @property
+    def expected_per_micrograph(self) -> float:
+        return self.n_truth / self.n_micrographs
+
+    def describe(self) -> str:
+        return (f"{self.n_micrographs} mics, {self.n_truth} particles, {self.n_labels} labels, "
+                f"D={self.diameter_A:.0f} Å @ {self.pixel_size:g} Å/px ({self.diameter_px:.1f} px)")
+
+
+def _labels_by_micrograph(labels: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for table in read_coordinates(labels):
+        name = table.micrograph or table.source.stem
+        out[Path(name).stem] = table.coords[["x", "y"]].to_numpy()
+    return out
+
+
+def write_topaz_labels(labels: Path, path: Path) -> int:
+    """Topaz label table ``image_name x_coord y_coord`` (original px) from our label STAR files."""
+    rows = ["image_name\tx_coord\ty_coord"]
+    for name, xy in sorted(_labels_by_micrograph(labels).items()):
+        rows += [f"{name}\t{int(round(x))}\t{int(round(y))}" for x, y in xy]
+    write_text_atomic(path, "\n".join(rows) + "\n")
+    return len(rows) - 1
+
+
+def write_unlabelled_truth(truth: Path, labelled: set[str], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    for star in sorted(truth.glob("*.star")):
+        if star.stem not in labelled:
+            shutil.copyfile(star, out / star.name)
+    return out
+
+
+def prepare_simulated(case: SimCase, profile: Profile, root: Path) -> PreparedCase:
+    out = root / "data" / case.name
+    params = SimulationParams(n_micrographs=profile.sim_micrographs, shape=(profile.sim_size, profile.sim_size),
+                              particle=case.particle, snr=case.snr, seed=case.seed)
+    marker = out / "case.json"
+    info = json.loads(marker.read_text()) if marker.exists() else {}
+    if not info.get("complete") or info.get("params", {}).get("n_micrographs") != params.n_micrographs:
+        info = simulate(out, params, quiet=True, overwrite=True)
+    n_labels = write_topaz_labels(out / "labels", out / "labels_topaz.txt")
+    labelled = set(_labels_by_micrograph(out / "labels"))
+    return PreparedCase(
+        name=case.name, note=case.note, micrographs=str(out / "micrographs.star"),
+        mrc_paths=sorted((out / "micrographs").glob("*.mrc")), labels=out / "labels",
+        labels_topaz=out / "labels_topaz.txt", truth=out / "truth",
+        truth_unlabelled=write_unlabelled_truth(out / "truth", labelled, out / "truth_unlabelled"),
+        diameter_A=params.diameter, pixel_size=params.pixel_size, n_micrographs=params.n_micrographs,
+        n_truth=int(info["counts"]["n_particles"]), n_labels=n_labels)
+
+
+def prepare_dev(root: Path) -> PreparedCase:
+    info = json.loads((SHARED_DEV / "case.json").read_text())
+    labelled = set(info["labels"]["labelled_micrographs"])
+    return PreparedCase(
+        name=DEV_CASE, note=info.get("note", "independent dev set"),
+        micrographs=str(SHARED_DEV / "micrographs_ctf.star"),
+        mrc_paths=sorted((SHARED_DEV / "micrographs").glob("*.mrc")), labels=SHARED_DEV / "labels",
+        labels_topaz=SHARED_DEV / "labels_topaz.txt", truth=SHARED_DEV / "truth",
+        truth_unlabelled=write_unlabelled_truth(SHARED_DEV / "truth", labelled,
+                                                root / "data" / DEV_CASE / "truth_unlabelled"),
+        diameter_A=float(info["particle"]["diameter_A"]), pixel_size=float(info["pixel_size_A"]),
+        n_micrographs=int(info["n_micrographs"]), n_truth=int(info["counts"]["n_truth_total"]),
+        n_labels=int(info["counts"]["n_labels_total"]))
+
+
+def prepare_case(name: str, profile: Profile, root: Path) -> PreparedCase:
+    if name == DEV_CASE:
+        return prepare_dev(root)
+    return prepare_simulated(SIM_CASES[name], profile, root)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing and scoring
+
+
+@dataclass
+class Clock:
+    """Wall and CPU seconds (this process's threads plus finished child processes)."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    @staticmethod
+    def _cpu_now() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def run(self, fn: Callable, *args, **kwargs):
+        w0, c0 = time.perf_counter(), self._cpu_now()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.wall += time.perf_counter() - w0
+            self.cpu += self._cpu_now() - c0
+
+    def plus(self, other: "Clock") -> "Clock":
+        return Clock(self.wall + other.wall, self.cpu + other.cpu)
+
+
+@dataclass
+class Result:
+    case: str
+    method: str
+    ap: float = math.nan
+    ap_unlabelled: float = math.nan
+    best_f1: float = math.nan
+    best_threshold: float = math.nan
+    precision: float = math.nan  # at the method's default threshold
+    recall: float = math.nan
+    n_picks: int = 0  # at the default threshold
+    default_threshold: str = ""
+    wall_s: float = math.nan
+    cpu_s: float = math.nan
+    budget: str = ""
+    note: str = ""
+    error: str = ""
+
+
+def score(result: Result, case: PreparedCase, picks: Path, threshold: float) -> Result:
+    """AP / best F1 over all picks, P/R at ``threshold`` (score units of the method), all micrographs."""
+    report = evaluate(picks, case.truth, case.radius_px, threshold=threshold)
+    o = report.overall
+    result.ap, result.best_f1, result.best_threshold = o["ap"], o["best_f1"], o["best_threshold"]
+    result.precision, result.recall, result.n_picks = o["precision"], o["recall"], o["n_picks"]
+    if any(case.truth_unlabelled.glob("*.star")):
+        result.ap_unlabelled = evaluate(picks, case.truth_unlabelled, case.radius_px).overall["ap"]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# cryopick
+
+
+def cryopick_train_config(case_dir: Path, data_dir: Path, exp_name: str, case: PreparedCase, profile: Profile,
+                          consistency: str, use_ema: bool) -> TrainConfig:
+    overrides = {
+        "data.data_dir": str(data_dir), "train.output_root": str(case_dir / "experiments"),
+        "train.exp_name": exp_name, "model.backbone": profile.backbone, "train.epochs": profile.epochs,
+        "train.steps_per_epoch": profile.steps_per_epoch, "train.device": profile.device,
+        "loss.expected_particles": case.expected_per_micrograph, "loss.consistency": consistency,
+        "model.use_ema": use_ema, "train.seed": 0,
+    }
+    if not profile.design_ramps:  # as cryopick.demo: the ramps are in epochs, made for the 50-epoch default
+        e = profile.epochs
+        overrides["loss.cons_ramp_epochs"] = [0.0, e / 3]
+        overrides["loss.ent_ramp_epochs"] = [e / 3, 2 * e / 3]
+    return resolve(TrainConfig, None, overrides)
+
+
+def cryopick_extract(case: PreparedCase, data_dir: Path, clock: Clock) -> None:
+    clock.run(extract, case.micrographs, str(case.labels), data_dir,
+              ExtractConfig(diameter=case.diameter_A, seed=0, overwrite=True), quiet=True)
+
+
+def run_cryopick(case: PreparedCase, profile: Profile, work: Path, method: str, consistency: str, use_ema: bool,
+                 extract_clock: Clock | None = None) -> tuple[Result, Clock]:
+    """Extract (unless given its clock: the dataset is shared), train, pick at threshold 0, score at 0.5."""
+    result = Result(case.name, method, budget=profile.cryopick_budget(), default_threshold="p=0.5")
+    case_dir = work / case.name / "cryopick"
+    data_dir = case_dir / "dataset"
+    if extract_clock is None:
+        extract_clock = Clock()
+        cryopick_extract(case, data_dir, extract_clock)
+    clock = Clock()
+    exp_name = re.sub(r"[^A-Za-z0-9]+", "_", method).strip("_")
+    cfg = cryopick_train_config(case_dir, data_dir, exp_name, case, profile, consistency, use_ema)
+    trained = clock.run(train, cfg, overwrite=True, quiet=True)
+    picks_dir = case_dir / f"picks_{exp_name}"
+    shutil.rmtree(picks_dir, ignore_errors=True)
+    clock.run(pick, case.micrographs, trained.exp_dir / "checkpoints" / "best.pt", picks_dir,
+              PickConfig(threshold=0.0, device=profile.device, overwrite=True), quiet=True)
+    total = clock.plus(extract_clock)
+    result.wall_s, result.cpu_s = total.wall, total.cpu
+    result.note = f"best epoch {trained.best_epoch + 1}/{trained.epochs_run}"
+    return score(result, case, picks_dir, 0.5), extract_clock
+
+
+# ---------------------------------------------------------------------------------------------
+# Topaz
+
+
+def install_topaz(log: Path) -> Path:
+    """Path of a working `topaz` from benchmarks/topaz_env.sh (installs on first use, ~1.5 min)."""
+    with log.open("a") as fh:
+        proc = subprocess.run(["bash", str(BENCH_DIR / "topaz_env.sh")], stdout=subprocess.PIPE, stderr=fh,
+                              text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"topaz_env.sh failed (exit {proc.returncode}); see {log}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def topaz_downsampling(case: PreparedCase) -> int:
+    return max(1, int(round(case.diameter_px / TOPAZ_TARGET_DIAMETER_PX)))
+
+
+def disk_pixels_2d(radius: int) -> int:
+    """Pixels of Topaz's label disk as it should count them (the 2-D version of stats.pixels_given_radius)."""
+    grid = np.linspace(-radius, radius, 2 * radius + 1)
+    xx, yy = np.meshgrid(grid, grid)
+    return int((xx**2 + yy**2 <= radius**2).sum())
+
+
+def corrected_pi(case: PreparedCase, preprocessed: list[Path], n_labels: int, radius: int) -> float:
+    """``--pi`` that makes Topaz's GE target π − p_observed equal the true unlabeled-positive fraction.
+
+    Topaz 0.3.20 counts (2r+1)·disk pixels per label (a 3-D grid for a 2-D disk), so its observed positive
+    fraction is (2r+1)·p_obs; passing π_true + 2r·p_obs cancels that (../shared/docs/topaz.md).
+    """
+    total = sum(int(np.prod(read_header(p).shape)) for p in preprocessed)
+    area = disk_pixels_2d(radius)
+    pi_true = area * case.expected_per_micrograph * len(preprocessed) / total
+    p_obs = area * n_labels / total
+    return pi_true + 2 * radius * p_obs
+
+
+class Topaz:
+    """Topaz's command-line workflow in one case's work directory; every call's time goes on a clock."""
+
+    def __init__(self, exe: Path, case: PreparedCase, profile: Profile, work: Path, log: Path):
+        self.exe, self.case, self.profile, self.log = exe, case, profile, log
+        self.dir = work / case.name / "topaz"
+        self.ds = topaz_downsampling(case)
+        self.pre = self.dir / "preprocessed"
+        self.labels = self.dir / "labels_ds.txt"
+
+    def call(self, clock: Clock, *args: str) -> None:
+        cmd = [str(self.exe), *args]
+        with self.log.open("a") as fh:
+            fh.write(f"\n$ {' '.join(cmd)}\n")
+            fh.flush()
+            proc = clock.run(subprocess.run, cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=self.dir)
+        if proc.returncode != 0:
+            raise RuntimeError(f"topaz {args[0]} failed (exit {proc.returncode}); see {self.log}")
+
+    def preprocess(self) -> Clock:
+        """Downsample + GMM-normalise every micrograph and convert the labels (shared by the variants)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.pre.mkdir(parents=True)
+        clock = Clock()
+        self.call(clock, "preprocess", "-d", str(self.profile.topaz_device), "-j", str(self.profile.topaz_threads),
+                  "-s", str(self.ds), "-o", str(self.pre), *map(str, self.case.mrc_paths))
+        self.call(clock, "convert", "-s", str(self.ds), str(self.case.labels_topaz), "-o", str(self.labels))
+        return clock
+
+    def preprocessed(self) -> list[Path]:
+        return sorted(self.pre.glob("*.mrc"))
+
+    def n_labels(self) -> int:
+        return sum(1 for line in self.labels.read_text().splitlines()[1:] if line.strip())
+
+    def train(self, name: str, prior_args: list[str], clock: Clock) -> Path:
+        p = self.profile
+        model_dir = self.dir / name
+        model_dir.mkdir(parents=True, exist_ok=True)
+        self.call(clock, "train", "-d", str(p.topaz_device), "-j", str(p.topaz_threads),
+                  "--train-images", str(self.pre), "--train-targets", str(self.labels), *prior_args,
+                  "-r", str(TOPAZ_LABEL_RADIUS), "--num-epochs", str(p.topaz_epochs),
+                  "--epoch-size", str(p.topaz_epoch_size), "--minibatch-size", str(p.topaz_minibatch),
+                  "--save-prefix", str(model_dir / "model"), "-o", str(model_dir / "train_curve.txt"))
+        models = sorted(model_dir.glob("model_epoch*.sav"), key=lambda q: int(re.findall(r"\d+", q.stem)[-1]))
+        if not models:
+            raise RuntimeError(f"topaz train wrote no model in {model_dir}; see {self.log}")
+        return models[-1]  # the documented workflow without a test split: the last epoch
+
+    def extract(self, model: str, out: Path, clock: Clock) -> Path:
+        radius = max(1, int(round(self.case.radius_px / self.ds)))
+        self.call(clock, "extract", "-d", str(self.profile.topaz_device), "-j", str(self.profile.topaz_threads),
+                  "-m", model, "-r", str(radius), "-x", str(self.ds), "-t", str(TOPAZ_EXTRACT_THRESHOLD),
+                  "-o", str(out), *map(str, self.preprocessed()))
+        return out
+
+
+def topaz_result(case: PreparedCase, method: str, budget: str, picks: Path, clock: Clock, note: str) -> Result:
+    # Topaz's score is a logit: its natural default is 0 (p = 0.5), the same cut as cryopick's p = 0.5
+    result = Result(case.name, method, budget=budget, default_threshold="logit 0", note=note,
+                    wall_s=clock.wall, cpu_s=clock.cpu)
+    return score(result, case, picks, 0.0)
+
+
+def run_topaz(case: PreparedCase, profile: Profile, work: Path, exe: Path, log: Path,
+              record: Callable[[Result], None]) -> None:
+    topaz = Topaz(exe, case, profile, work, log)
+    pre_clock = topaz.preprocess()
+    n_labels = topaz.n_labels()
+    pi = corrected_pi(case, topaz.preprocessed(), n_labels, TOPAZ_LABEL_RADIUS)
+    variants = [
+        ("Topaz stock prior", ["-n", f"{case.expected_per_micrograph:.2f}"], f"-n {case.expected_per_micrograph:.1f}"),
+        ("Topaz corrected prior", ["--pi", f"{pi:.6g}"], f"--pi {pi:.4g}"),
+    ]
+    for method, prior_args, note in variants:
+        clock = Clock()
+        try:
+            model = topaz.train(method.split()[1], prior_args, clock)
+            picks = topaz.extract(str(model), topaz.dir / f"picks_{method.split()[1]}.txt", clock)
+            record(topaz_result(case, method, profile.topaz_budget(), picks, clock.plus(pre_clock),
+                                f"DS {topaz.ds}, {note}"))
+        except RuntimeError as exc:
+            record(Result(case.name, method, budget=profile.topaz_budget(), error=str(exc)))
+    clock = Clock()
+    try:
+        picks = topaz.extract("resnet16", topaz.dir / "picks_pretrained.txt", clock)
+        record(topaz_result(case, "Topaz pretrained resnet16", "no training", picks, clock.plus(pre_clock),
+                            f"DS {topaz.ds}"))
+    except RuntimeError as exc:
+        record(Result(case.name, "Topaz pretrained resnet16", error=str(exc)))
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def _f(value: float, spec: str = ".3f") -> str:
+    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+TABLE_HEAD = ("| case | method | AP | AP unlab. mics | best F1 (at score) | P / R at default (thr) | picks | "
+              "wall s | CPU s | budget | note |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(r: Result) -> str:
+    if r.error:
+        return f"| {r.case} | {r.method} | failed | | | | | | | {r.budget} | {r.error} |"
+    return (f"| {r.case} | {r.method} | {_f(r.ap)} | {_f(r.ap_unlabelled)} | {_f(r.best_f1)} ({_f(r.best_threshold, '.2f')}) "
+            f"| {_f(r.precision)} / {_f(r.recall)} ({r.default_threshold}) | {r.n_picks} | {_f(r.wall_s, '.0f')} "
+            f"| {_f(r.cpu_s, '.0f')} | {r.budget} | {r.note} |")
+
+
+def best_topaz(results: list[Result], case: str) -> Result | None:
+    trained = [r for r in results if r.case == case and r.method.startswith("Topaz") and "pretrained" not in r.method
+               and not r.error]
+    return max(trained, key=lambda r: r.ap) if trained else None
+
+
+def verdicts(results: list[Result], cases: list[str]) -> list[str]:
+    lines = []
+    for case in cases:
+        ours = next((r for r in results if r.case == case and r.method == ABLATION[0][0] and not r.error), None)
+        theirs = best_topaz(results, case)
+        if ours is None or theirs is None:
+            continue
+        gap = ours.ap - theirs.ap
+        won = "cryopick wins" if gap >= 0.05 else ("cryopick ahead by < 0.05 (goal missed)" if gap > 0
+                                                   else "**cryopick loses**")
+        speed = "faster" if ours.wall_s < theirs.wall_s else "**slower**"
+        lines.append(f"- {case}: cryopick AP {ours.ap:.3f} vs Topaz ({theirs.method}) {theirs.ap:.3f}: "
+                     f"ΔAP {gap:+.3f}, {won}; end to end {ours.wall_s:.0f} s vs {theirs.wall_s:.0f} s ({speed}).")
+    ab = {r.method: r for r in results if r.case == ABLATION_CASE and r.method.startswith("cryopick") and not r.error}
+    names = [a[0] for a in ABLATION]
+    if all(n in ab for n in names):
+        sel, fm, pu, noema = (ab[n].ap for n in names)
+        holds = sel >= fm >= pu
+        lines.append(f"- ablation ({ABLATION_CASE}): selective {sel:.3f}, all (FixMatch) {fm:.3f}, none (PU only) "
+                     f"{pu:.3f}: ordering selective ≥ FixMatch ≥ PU-only "
+                     f"{'holds' if holds else '**does not hold**'}; EMA teacher {sel:.3f} vs none {noema:.3f} "
+                     f"({'EMA helps' if sel > noema else '**EMA does not help here**'}).")
+    return lines
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
+def render_section(results: list[Result], cases: list[PreparedCase], profile: Profile, command: str,
+                   started: str, finished: bool, elapsed: float) -> str:
+    lines = [SECTION, ""]
+    status = "complete" if finished else "**partial: the run was still going or stopped; rows below are what finished**"
+    lines += [f"Run {started} ({status}, {elapsed / 60:.1f} min), profile `{profile.name}`, on {machine_line()}.",
+              "", f"Command: `{command}`", ""]
+    lines += [f"- {c.name}: {c.note}; {c.describe()}" for c in cases]
+    lines += ["", TABLE_HEAD] + [table_row(r) for r in results] + [""]
+    lines += verdicts(results, [c.name for c in cases]) + [""]
+    lines += [
+        "How to read it: AP and best F1 rank every pick of every micrograph (labelled ones included) against the "
+        "full truth with one-to-one matching within half the particle diameter (cryopick.evaluate); "
+        "\"AP unlab. mics\" is the same on the micrographs that had no labels. P/R at default: cryopick at "
+        "p = 0.5, Topaz at logit 0 (its p = 0.5); best F1's threshold is in each method's own score units "
+        "(probability / logit). Wall and CPU seconds are end to end: cryopick extract + train + pick; Topaz "
+        "preprocess + convert + train + extract (the preprocessing is counted in every Topaz row). Budgets: "
+        "cryopick epochs × steps × batch (P:U 1:4); Topaz epochs × updates × minibatch, from its shipped "
+        "pretrained weights, model of the last epoch. Topaz DS makes the particle ~20 px; extract -t "
+        f"{TOPAZ_EXTRACT_THRESHOLD:g}. Topaz's figure for the goal is the better of its two priors. The CPU was "
+        "shared with other work, so wall times are noisy; CPU seconds are the steadier cost. One seed per row.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace our section in ``path`` (from SECTION to the next level-2 heading), keeping everything else."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section.rstrip() + "\n\n", text, count=1)
+    else:
+        text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
+    write_text_atomic(path, text.rstrip() + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=None,
+                    help=f"comma-separated, from {', '.join(DEFAULT_CASES)} (default: all; dev-shell when present)")
+    ap.add_argument("--quick", action="store_true", help="tiny data and budgets, to check the script")
+    ap.add_argument("--gpu", action="store_true", help="design defaults on a GPU (resnet18, 50 epochs; Topaz defaults)")
+    ap.add_argument("--out", default=None, help="work directory (default: a temporary folder)")
+    ap.add_argument("--skip-topaz", action="store_true", help="cryopick only")
+    ap.add_argument("--skip-ablation", action="store_true")
+    ap.add_argument("--results", default=None,
+                    help=f"markdown file for the '{SECTION}' section (default: {RESULTS_MD}; --quick: OUT/RESULTS.md)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.quick and args.gpu:
+        sys.exit("--quick and --gpu exclude each other")
+    profile = PROFILES["quick" if args.quick else "gpu" if args.gpu else "cpu"]
+    work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="cryopick-accuracy-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results_md = Path(args.results) if args.results else (work / "RESULTS.md" if args.quick else RESULTS_MD)
+    defaults = [ABLATION_CASE] if args.quick else [c for c in DEFAULT_CASES if c != DEV_CASE or SHARED_DEV.is_dir()]
+    names = args.cases.split(",") if args.cases else defaults
+    unknown = [n for n in names if n != DEV_CASE and n not in SIM_CASES]
+    if unknown or (DEV_CASE in names and not SHARED_DEV.is_dir()):
+        sys.exit(f"unknown or missing case(s): {', '.join(unknown) or DEV_CASE}")
+    command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    started, t0 = dt.datetime.now().strftime("%Y-%m-%d %H:%M"), time.perf_counter()
+    log = work / "topaz.log"
+    results: list[Result] = []
+    prepared: list[PreparedCase] = []
+
+    def publish(finished: bool = False) -> None:
+        write_json_atomic(work / "results.json", [dataclasses.asdict(r) for r in results])
+        write_section(results_md, render_section(results, prepared, profile, command.strip(), started, finished,
+                                                 time.perf_counter() - t0))
+
+    def record(result: Result) -> None:
+        results.append(result)
+        print(table_row(result), flush=True)
+        publish()
+
+    exe = None
+    if not args.skip_topaz:
+        exe = install_topaz(log)
+    print(f"work dir {work}; profile {profile.name}; cases {', '.join(names)}", flush=True)
+    print(TABLE_HEAD, flush=True)
+    for name in names:
+        case = prepare_case(name, profile, work)
+        prepared.append(case)
+        ablate = name == ABLATION_CASE and not args.skip_ablation
+        extract_clock = None
+        for method, consistency, use_ema in (ABLATION if ablate else ABLATION[:1]):
+            try:
+                result, extract_clock = run_cryopick(case, profile, work, method, consistency, use_ema, extract_clock)
+            except Exception as exc:  # a failed run is a row of the table, not the end of the benchmark
+                result = Result(case.name, method, budget=profile.cryopick_budget(), error=f"{type(exc).__name__}: {exc}")
+            record(result)
+        if exe is not None:
+            run_topaz(case, profile, work, exe, log, record)
+    publish(finished=True)
+    print("\n".join(verdicts(results, names)))
+    print(f"wrote {results_md} ({(time.perf_counter() - t0) / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The command line: help with units, clear one-line errors (never a traceback), exit codes."""
+
+import re
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cryopick import __version__
+from cryopick.cli import app
+from cryopick.io.mrc import write_mrc
+
+runner = CliRunner()
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.stdout
+
+
+@pytest.mark.parametrize("command,needles", [
+    ("extract", ["Å", "--diameter", "--bin", "--target-pixel-size", "--workers", "--strict", "--overwrite"]),
+    ("train", ["--data-dir", "--exp-name", "--epochs", "--backbone", "--resume", "--consistency", "--print-config"]),
+    ("pick", ["--model", "--threshold", "--radius", "--shard", "--preview", "--overwrite", "px"]),
+    ("evaluate", ["--truth", "--radius", "--json", "--csv", "--plot", "px"]),
+    ("simulate", ["--snr", "--size", "Å"]),
+    ("demo", ["--epochs"]),
+])
+def test_every_command_documents_its_options(command, needles):
+    result = runner.invoke(app, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    text = _plain(result.stdout)
+    for needle in needles:
+        assert needle in text, f"{command} --help lacks {needle}"
+
+
+def test_missing_micrographs_give_one_line_and_exit_1(tmp_path):
+    result = runner.invoke(app, ["extract", str(tmp_path / "none"), "--coords", str(tmp_path), "--diameter", "150",
+                                 "--out", str(tmp_path / "ds")])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "none" in _plain(result.output) and "error" in _plain(result.output)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    write_mrc(tmp_path / "m.mrc", np.zeros((64, 64), np.float32), 1.0)
+    result = runner.invoke(app, ["pick", str(tmp_path / "m.mrc"), "--model", str(tmp_path / "bad.pt"),
+                                 "--out", str(tmp_path / "picks")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "bad.pt" in _plain(result.output)
+
+
+def test_train_print_config_shows_design_defaults():
+    result = runner.invoke(app, ["train", "--print-config"])
+    assert result.exit_code == 0
+    assert "consistency_threshold: 0.95" in result.stdout and "prior: 0.3" in result.stdout
+
+
+def test_train_rejects_unknown_consistency(tmp_path):
+    result = runner.invoke(app, ["train", "--data-dir", str(tmp_path), "--exp-name", "x", "--consistency", "some"])
+    assert result.exit_code == 1 and "selective" in _plain(result.output)

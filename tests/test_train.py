@@ -1,0 +1,150 @@
+import csv
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
+from cryopick.config import ExtractConfig, TrainConfig, resolve
+from cryopick.data import PUBatchSampler, batch_composition, load_dataset
+from cryopick.errors import CryopickError
+from cryopick.extract import extract
+from cryopick.simulate import SimulationParams, simulate
+from cryopick.train import lr_at, positive_radius_px, resolve_prior, train
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainset")
+    simulate(root / "sim", SimulationParams(n_micrographs=3, shape=(384, 384), seed=5, label_fraction=0.5,
+                                            labelled_micrograph_fraction=0.67), quiet=True)
+    extract(str(root / "sim" / "micrographs.star"), str(root / "sim" / "labels"), root / "ds",
+            ExtractConfig(diameter=160.0, unlabeled_per_micrograph=60, val_fraction=0.5, seed=0),
+            truth=str(root / "sim" / "truth"), quiet=True)
+    return root / "ds"
+
+
+def _config(dataset_dir, out, **over):
+    base = {"data.data_dir": str(dataset_dir), "train.output_root": str(out), "train.exp_name": "run",
+            "model.backbone": "resnet8", "train.epochs": 3, "train.steps_per_epoch": 3, "train.device": "cpu",
+            "optim.lr": 3e-3, "optim.warmup_epochs": 0.0, "loss.cons_ramp_epochs": [0.0, 1.0]}
+    base.update(over)
+    return resolve(TrainConfig, None, base)
+
+
+def test_batch_composition_follows_ratio():
+    assert batch_composition(32, [1, 4]) == (6, 26)
+    assert batch_composition(10, [1, 1]) == (5, 5)
+    with pytest.raises(CryopickError):
+        batch_composition(1, [1, 4])
+
+
+def test_sampler_every_positive_each_epoch_and_deterministic():
+    s = PUBatchSampler(n_pos=10, n_unl=100, n_p=3, n_u=12, seed=1)
+    assert s.steps_per_epoch == math.ceil(100 / 12)
+    batches = list(s.epoch(0))
+    assert set(torch.cat([p for p, _ in batches]).tolist()) == set(range(10))
+    assert all(len(p) == 3 and len(u) == 12 for p, u in batches)
+    again = list(PUBatchSampler(10, 100, 3, 12, seed=1).epoch(0))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    ranks = [list(PUBatchSampler(10, 100, 3, 12, seed=1, rank=r, world=2).epoch(0)) for r in (0, 1)]
+    assert torch.equal(ranks[1][0][0], batches[1][0])  # rank 1 takes every other batch
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_at(0, 100, 10, 1.0, "cosine") == pytest.approx(0.1)
+    assert lr_at(10, 100, 10, 1.0, "cosine") == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, "cosine") == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0, "cosine") == pytest.approx(0.0)
+
+
+def test_prior_from_expected_particles_uses_the_positive_radius(dataset_dir, tmp_path):
+    cfg = _config(dataset_dir, tmp_path, **{"loss.expected_particles": 20.0})
+    ds = load_dataset(dataset_dir)
+    r = positive_radius_px(cfg, ds)
+    assert r == pytest.approx(0.125 * 80.0)  # max_shift × diameter (80 binned px)
+    assert resolve_prior(cfg, ds) == pytest.approx(20 * math.pi * r**2 / (384 * 384))
+    assert resolve_prior(_config(dataset_dir, tmp_path), ds) == 0.3
+
+
+def test_training_lowers_the_loss_and_writes_everything(dataset_dir, tmp_path):
+    cfg = _config(dataset_dir, tmp_path, **{"train.epochs": 4})
+    result = train(cfg, quiet=True)
+    exp = tmp_path / "run"
+    assert (exp / "config.yaml").exists() and (exp / "checkpoints" / "best.pt").exists()
+    rows = list(csv.DictReader((exp / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    for key in ("loss_pos", "loss_neg", "pu_loss", "consistency_loss", "entropy_loss", "mask_rate",
+                "pseudo_positive_rate", "lr", "samples_per_s", "val_auc_pu", "val_auc_pn", "val_true_auc"):
+        assert rows[-1][key] != "", key
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    assert 0 <= float(rows[-1]["mask_rate"]) <= 1
+    assert result.epochs_run == 4
+
+    ckpt = load_checkpoint(exp / "checkpoints" / "last.pt")
+    assert ckpt["model_spec"]["backbone"] == "resnet8" and ckpt["config"]["loss"]["prior"] == 0.3
+    assert preprocess_from_checkpoint(ckpt).diameter_A == 160.0
+    model = model_from_checkpoint(ckpt)
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 128, 128)).shape == (2,)
+    # the EMA teacher is what pick uses, and it differs from the student
+    assert any(not torch.equal(ckpt["ema_state"][k], ckpt["model_state"][k]) for k in ckpt["model_state"]
+               if ckpt["model_state"][k].is_floating_point())
+
+
+def _interrupt_at(monkeypatch, n_step):
+    """Send a real SIGINT (Ctrl-C) in the middle of step ``n_step``."""
+    import cryopick.train as tr
+
+    real, calls = tr.optimisation_step, {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "optimisation_step", interrupting)
+    return lambda: monkeypatch.setattr(tr, "optimisation_step", real)
+
+
+def test_ctrl_c_mid_epoch_then_resume_matches_an_uninterrupted_run(dataset_dir, tmp_path, monkeypatch):
+    train(_config(dataset_dir, tmp_path / "a", **{"train.epochs": 2}), quiet=True)
+    cfg = _config(dataset_dir, tmp_path / "b", **{"train.epochs": 2})
+    restore = _interrupt_at(monkeypatch, 5)  # 3 steps per epoch: the 2nd step of epoch 1
+    result = train(cfg, quiet=True)
+    assert result.interrupted
+    ckpt = load_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "last.pt")
+    # the step in flight is completed, then the state is saved at that step boundary
+    assert (ckpt["training_state"]["loop"]["epoch"], ckpt["training_state"]["loop"]["step_in_epoch"]) == (1, 2)
+    restore()
+    result = train(cfg, resume=True, quiet=True)
+    assert result.epochs_run == 2 and not result.interrupted and len(result.history) == 2
+    a = load_checkpoint(tmp_path / "a" / "run" / "checkpoints" / "last.pt")["model_state"]
+    b = load_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "last.pt")["model_state"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+def test_existing_run_needs_resume_or_overwrite(dataset_dir, tmp_path):
+    cfg = _config(dataset_dir, tmp_path, **{"train.epochs": 1})
+    train(cfg, quiet=True)
+    with pytest.raises(CryopickError, match="--resume"):
+        train(cfg, quiet=True)
+
+
+@pytest.mark.parametrize("mode", ["all", "none"])
+def test_consistency_modes_run(dataset_dir, tmp_path, mode):
+    cfg = _config(dataset_dir, tmp_path, **{"train.epochs": 1, "loss.consistency": mode, "model.use_ema": False})
+    result = train(cfg, quiet=True)
+    row = result.history[-1]
+    assert (row["consistency_loss"] == 0.0) == (mode == "none") or row["mask_rate"] == 0.0
+
+
+def test_training_is_deterministic(dataset_dir, tmp_path):
+    a = train(_config(dataset_dir, tmp_path / "a", **{"train.epochs": 1}), quiet=True).history[-1]
+    b = train(_config(dataset_dir, tmp_path / "b", **{"train.epochs": 1}), quiet=True).history[-1]
+    assert a["loss"] == b["loss"] and a["val_auc_pu"] == b["val_auc_pu"]
