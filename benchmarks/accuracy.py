@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -48,7 +48,6 @@ from cryopick.evaluate import evaluate
 from cryopick.extract import extract
 from cryopick.fsutil import write_json_atomic, write_text_atomic
 from cryopick.io.coords import read_coordinates
-from cryopick.io.micrographs import find_micrographs
 from cryopick.io.mrc import read_header
 from cryopick.pick import pick
 from cryopick.simulate import SimulationParams, simulate
@@ -94,7 +93,7 @@ class Profile:
 
 PROFILES = {
     # ~2-3 min of training each on 2 free cores; Topaz's budget is sized to a similar training wall time
-    "cpu": Profile("cpu", "resnet8", 10, 25, "cpu", -1, 4, 60, 128, 2, 6, 1024, False),
+    "cpu": Profile("cpu", "resnet8", 10, 25, "cpu", -1, 5, 60, 128, 2, 6, 1024, False),
     "quick": Profile("quick", "resnet8", 2, 3, "cpu", -1, 1, 3, 32, 2, 2, 512, False),
     "gpu": Profile("gpu", "resnet18", 50, None, "cuda", 0, 10, 1000, 256, 8, 8, 2048, True),
 }
@@ -111,11 +110,12 @@ class SimCase:
 
 SIM_CASES = {c.name: c for c in (
     SimCase("shell-snr0.05", "shell", 0.05, 11, "hollow shell, medium SNR (ablation case)"),
-    SimCase("blob-snr0.02", "blob", 0.02, 12, "compact blob, low SNR"),
-    SimCase("rod-snr0.1", "rod", 0.10, 13, "elongated rod, higher SNR"),
+    SimCase("rod-snr0.03", "rod", 0.03, 12, "elongated rod, low SNR"),
+    SimCase("blob-snr0.1", "blob", 0.10, 13, "compact blob, high SNR (not in the default set: time)"),
 )}
 DEV_CASE = "dev-shell"
-DEFAULT_CASES = ["shell-snr0.05", "blob-snr0.02", "rod-snr0.1", DEV_CASE]
+DEFAULT_CASES = ["shell-snr0.05", "rod-snr0.03", DEV_CASE]
+ALL_CASES = DEFAULT_CASES + ["blob-snr0.1"]
 ABLATION_CASE = "shell-snr0.05"
 ABLATION = [  # (method label, loss.consistency, model.use_ema)
     ("cryopick selective+EMA", "selective", True),
@@ -321,13 +321,17 @@ def run_cryopick(case: PreparedCase, profile: Profile, work: Path, method: str, 
     exp_name = re.sub(r"[^A-Za-z0-9]+", "_", method).strip("_")
     cfg = cryopick_train_config(case_dir, data_dir, exp_name, case, profile, consistency, use_ema)
     trained = clock.run(train, cfg, overwrite=True, quiet=True)
+    if trained.interrupted:  # cryopick.train turns Ctrl-C / SIGTERM into a saved, resumable stop
+        raise KeyboardInterrupt
     picks_dir = case_dir / f"picks_{exp_name}"
     shutil.rmtree(picks_dir, ignore_errors=True)
     clock.run(pick, case.micrographs, trained.exp_dir / "checkpoints" / "best.pt", picks_dir,
               PickConfig(threshold=0.0, device=profile.device, overwrite=True), quiet=True)
     total = clock.plus(extract_clock)
     result.wall_s, result.cpu_s = total.wall, total.cpu
-    result.note = f"best epoch {trained.best_epoch + 1}/{trained.epochs_run}"
+    counts = json.loads((data_dir / "manifest.json").read_text())["counts"]
+    result.note = (f"best epoch {trained.best_epoch + 1}/{trained.epochs_run}; labels {counts['train']['positive']} "
+                   f"train / {counts['val']['positive']} val")
     return score(result, case, picks_dir, 0.5), extract_clock
 
 
@@ -343,6 +347,13 @@ def install_topaz(log: Path) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"topaz_env.sh failed (exit {proc.returncode}); see {log}")
     return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def topaz_sees_cuda(exe: Path) -> bool:
+    """Whether the torch in Topaz's venv has a usable GPU (topaz -d 0 silently falls back to the CPU otherwise)."""
+    probe = subprocess.run([str(exe.parent / "python"), "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True)
+    return probe.stdout.strip() == "True"
 
 
 def topaz_downsampling(case: PreparedCase) -> int:
@@ -433,17 +444,25 @@ def topaz_result(case: PreparedCase, method: str, budget: str, picks: Path, cloc
     return score(result, case, picks, 0.0)
 
 
+TOPAZ_METHODS = ("Topaz stock prior", "Topaz corrected prior", "Topaz pretrained resnet16")
+
+
 def run_topaz(case: PreparedCase, profile: Profile, work: Path, exe: Path, log: Path,
-              record: Callable[[Result], None]) -> None:
+              record: Callable[[Result], None], done: set[str] = frozenset()) -> None:
+    """Topaz's rows for ``case``, except the methods in ``done`` (rows kept from an earlier run)."""
+    if all(m in done for m in TOPAZ_METHODS):
+        return
     topaz = Topaz(exe, case, profile, work, log)
     pre_clock = topaz.preprocess()
     n_labels = topaz.n_labels()
     pi = corrected_pi(case, topaz.preprocessed(), n_labels, TOPAZ_LABEL_RADIUS)
     variants = [
-        ("Topaz stock prior", ["-n", f"{case.expected_per_micrograph:.2f}"], f"-n {case.expected_per_micrograph:.1f}"),
-        ("Topaz corrected prior", ["--pi", f"{pi:.6g}"], f"--pi {pi:.4g}"),
+        (TOPAZ_METHODS[0], ["-n", f"{case.expected_per_micrograph:.2f}"], f"-n {case.expected_per_micrograph:.1f}"),
+        (TOPAZ_METHODS[1], ["--pi", f"{pi:.6g}"], f"--pi {pi:.4g}"),
     ]
     for method, prior_args, note in variants:
+        if method in done:
+            continue
         clock = Clock()
         try:
             model = topaz.train(method.split()[1], prior_args, clock)
@@ -452,13 +471,14 @@ def run_topaz(case: PreparedCase, profile: Profile, work: Path, exe: Path, log: 
                                 f"DS {topaz.ds}, {note}"))
         except RuntimeError as exc:
             record(Result(case.name, method, budget=profile.topaz_budget(), error=str(exc)))
+    if TOPAZ_METHODS[2] in done:
+        return
     clock = Clock()
     try:
         picks = topaz.extract("resnet16", topaz.dir / "picks_pretrained.txt", clock)
-        record(topaz_result(case, "Topaz pretrained resnet16", "no training", picks, clock.plus(pre_clock),
-                            f"DS {topaz.ds}"))
+        record(topaz_result(case, TOPAZ_METHODS[2], "no training", picks, clock.plus(pre_clock), f"DS {topaz.ds}"))
     except RuntimeError as exc:
-        record(Result(case.name, "Topaz pretrained resnet16", error=str(exc)))
+        record(Result(case.name, TOPAZ_METHODS[2], error=str(exc)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,15 +588,31 @@ def write_section(path: Path, section: str) -> None:
 # main
 
 
+def resume_state(work: Path, profile: Profile, started: str, command: str) -> tuple[list[Result], str, float, str]:
+    """Finished rows, start time, elapsed seconds and command of the earlier run in ``work`` (failed rows rerun)."""
+    try:
+        meta = json.loads((work / "run.json").read_text())
+        rows = json.loads((work / "results.json").read_text())
+    except (OSError, ValueError):
+        return [], started, 0.0, command
+    if meta.get("profile") != profile.name:
+        sys.exit(f"--resume: {work} holds a '{meta.get('profile')}' run, not '{profile.name}'")
+    kept = [Result(**r) for r in rows if not r.get("error")]
+    return kept, meta["started"], float(meta["elapsed_s"]), f"{meta['command']}; then {command}"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=None,
-                    help=f"comma-separated, from {', '.join(DEFAULT_CASES)} (default: all; dev-shell when present)")
+                    help=f"comma-separated, from {', '.join(ALL_CASES)} (default: {', '.join(DEFAULT_CASES)}; "
+                         "dev-shell only when present)")
     ap.add_argument("--quick", action="store_true", help="tiny data and budgets, to check the script")
     ap.add_argument("--gpu", action="store_true", help="design defaults on a GPU (resnet18, 50 epochs; Topaz defaults)")
     ap.add_argument("--out", default=None, help="work directory (default: a temporary folder)")
     ap.add_argument("--skip-topaz", action="store_true", help="cryopick only")
     ap.add_argument("--skip-ablation", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the finished rows of OUT/results.json (same profile) and run only the missing ones")
     ap.add_argument("--results", default=None,
                     help=f"markdown file for the '{SECTION}' section (default: {RESULTS_MD}; --quick: OUT/RESULTS.md)")
     return ap.parse_args(argv)
@@ -595,16 +631,21 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n != DEV_CASE and n not in SIM_CASES]
     if unknown or (DEV_CASE in names and not SHARED_DEV.is_dir()):
         sys.exit(f"unknown or missing case(s): {', '.join(unknown) or DEV_CASE}")
-    command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    started, t0 = dt.datetime.now().strftime("%Y-%m-%d %H:%M"), time.perf_counter()
+    command = ("python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    started, t0, earlier_s = dt.datetime.now().strftime("%Y-%m-%d %H:%M"), time.perf_counter(), 0.0
     log = work / "topaz.log"
     results: list[Result] = []
     prepared: list[PreparedCase] = []
+    if args.resume:
+        results, started, earlier_s, command = resume_state(work, profile, started, command)
+    done = {(r.case, r.method) for r in results}
 
     def publish(finished: bool = False) -> None:
+        elapsed = earlier_s + time.perf_counter() - t0
         write_json_atomic(work / "results.json", [dataclasses.asdict(r) for r in results])
-        write_section(results_md, render_section(results, prepared, profile, command.strip(), started, finished,
-                                                 time.perf_counter() - t0))
+        write_json_atomic(work / "run.json", {"profile": profile.name, "started": started, "command": command,
+                                               "elapsed_s": elapsed})
+        write_section(results_md, render_section(results, prepared, profile, command, started, finished, elapsed))
 
     def record(result: Result) -> None:
         results.append(result)
@@ -614,21 +655,45 @@ def main(argv: list[str] | None = None) -> int:
     exe = None
     if not args.skip_topaz:
         exe = install_topaz(log)
+        if profile.topaz_device >= 0 and not topaz_sees_cuda(exe):
+            sys.exit(f"--gpu: the torch in Topaz's venv ({exe.parent.parent}) has no CUDA; install a CUDA build "
+                     "there (TOPAZ_TORCH=... bash benchmarks/topaz_env.sh DIR, TOPAZ_VENV=DIR) or pass --skip-topaz")
     print(f"work dir {work}; profile {profile.name}; cases {', '.join(names)}", flush=True)
     print(TABLE_HEAD, flush=True)
-    for name in names:
+    for r in results:
+        print(table_row(r), flush=True)
+    extract_clocks: dict[str, Clock] = {}
+
+    def cryopick_row(case: PreparedCase, method: str, consistency: str, use_ema: bool) -> None:
+        if (case.name, method) in done:
+            return
+        try:
+            result, extract_clocks[case.name] = run_cryopick(case, profile, work, method, consistency, use_ema,
+                                                            extract_clocks.get(case.name))
+        except Exception as exc:  # a failed run is a row of the table, not the end of the benchmark
+            result = Result(case.name, method, budget=profile.cryopick_budget(), error=f"{type(exc).__name__}: {exc}")
+        record(result)
+
+    def head_to_head(case: PreparedCase) -> None:
+        cryopick_row(case, *ABLATION[0])
+        if exe is not None:
+            try:
+                run_topaz(case, profile, work, exe, log, record, {m for c, m in done if c == case.name})
+            except RuntimeError as exc:  # preprocessing failed: no Topaz row can follow
+                record(Result(case.name, "Topaz (all variants)", error=str(exc)))
+
+    # order of importance, so a run cut short still has the main results: the ablation case's head-to-head,
+    # the ablation, the independent dev set, then the other simulated cases
+    order = sorted(names, key=lambda n: (n != ABLATION_CASE, n != DEV_CASE))
+    for name in dict.fromkeys(r.case for r in results if r.case not in names):  # kept rows of other cases
+        prepared.append(prepare_case(name, profile, work))
+    for name in order:
         case = prepare_case(name, profile, work)
         prepared.append(case)
-        ablate = name == ABLATION_CASE and not args.skip_ablation
-        extract_clock = None
-        for method, consistency, use_ema in (ABLATION if ablate else ABLATION[:1]):
-            try:
-                result, extract_clock = run_cryopick(case, profile, work, method, consistency, use_ema, extract_clock)
-            except Exception as exc:  # a failed run is a row of the table, not the end of the benchmark
-                result = Result(case.name, method, budget=profile.cryopick_budget(), error=f"{type(exc).__name__}: {exc}")
-            record(result)
-        if exe is not None:
-            run_topaz(case, profile, work, exe, log, record)
+        head_to_head(case)
+        if name == ABLATION_CASE and not args.skip_ablation:
+            for variant in ABLATION[1:]:
+                cryopick_row(case, *variant)
     publish(finished=True)
     print("\n".join(verdicts(results, names)))
     print(f"wrote {results_md} ({(time.perf_counter() - t0) / 60:.1f} min)")

@@ -3,6 +3,7 @@
 # describes, so it runs beside our CPU torch without pulling a CUDA build into the project's environment.
 #
 #   bash benchmarks/topaz_env.sh [VENV_DIR]      # default: $TOPAZ_VENV or ~/.cache/cryopick-bench/topaz-0.3.20
+#   TOPAZ_TORCH="torch==2.13.0 --index-url URL" bash benchmarks/topaz_env.sh DIR   # e.g. a CUDA build for --gpu
 #
 # Prints the path of the working `topaz` executable on its last line. Idempotent: a venv whose
 # `topaz --help` already works is reused (the marker file is written only after that check passes).
@@ -20,7 +21,8 @@ fi
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/pip" install --quiet --disable-pip-version-check)
-"${PIP[@]}" torch==2.13.0                                     # the CPU wheel on local disk
+# shellcheck disable=SC2086  # TOPAZ_TORCH may carry pip options
+"${PIP[@]}" ${TOPAZ_TORCH:-torch==2.13.0}                     # the CPU wheel on local disk
 "${PIP[@]}" --no-deps topaz-em==0.3.20 torchvision==0.28.0     # --no-deps: no CUDA torch pulled in
 "${PIP[@]}" "tqdm>=4.65.0" "h5py>=3.7.0" numpy pandas "psutil>=5.8.0" scikit-learn scipy pillow future
 

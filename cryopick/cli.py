@@ -168,6 +168,9 @@ def train(
                                           "within the positive radius of a particle (default 0.3)."),
     expected_particles: Optional[float] = typer.Option(None, "--expected-particles", help="Particles per micrograph; "
                                                        "sets π from the positive radius and micrograph area."),
+    balanced_prior: Optional[float] = typer.Option(None, "--balanced-prior", help="Imbalanced nnPU (Su et al. 2021): "
+                                                   "weigh the risks as if the prior were this (e.g. 0.5) so rare "
+                                                   "particles reach probabilities above 0.5 (default: plain nnPU)."),
     consistency: Optional[str] = typer.Option(None, "--consistency", help="selective (unlabeled only), all (standard "
                                               "FixMatch) or none (PU only)."),
     no_ema: bool = typer.Option(False, "--no-ema", help="No EMA teacher: pseudo-labels and validation use the student."),
@@ -195,6 +198,7 @@ def train(
         "data.data_dir": str(data_dir) if data_dir else None, "train.exp_name": exp_name, "train.epochs": epochs,
         "data.batch_size": batch_size, "model.backbone": backbone, "loss.prior": prior,
         "loss.expected_particles": expected_particles, "loss.consistency": consistency,
+        "loss.balanced_prior": balanced_prior,
         "model.use_ema": False if no_ema else None, "optim.lr": lr, "train.steps_per_epoch": steps_per_epoch,
         "train.device": device, "train.seed": seed, "train.output_root": output_root,
         "train.compile": True if compile_model else None,

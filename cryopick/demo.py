@@ -65,6 +65,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, quiet: b
         "data.data_dir": str(out / "dataset"), "train.output_root": str(out / "experiments"),
         "train.exp_name": "demo", "model.backbone": s.backbone, "train.epochs": s.epochs,
         "train.steps_per_epoch": s.steps_per_epoch, "loss.expected_particles": expected,
+        # particles cover ~2% of patch centres: balanced weights make p = 0.5 a usable pick threshold
+        "loss.balanced_prior": 0.5,
         "loss.cons_ramp_epochs": [0.0, s.epochs / 3], "loss.ent_ramp_epochs": [s.epochs / 3, 2 * s.epochs / 3],
         "train.seed": s.seed, "train.device": s.device,
     })

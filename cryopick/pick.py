@@ -38,6 +38,7 @@ from scipy.special import expit
 from cryopick import __version__
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.config import PickConfig, dump_yaml
+from cryopick.device import resolve_device
 from cryopick.errors import CryopickError, InputFileError
 from cryopick.fsutil import safe_join, write_json_atomic, write_text_atomic
 from cryopick.io.micrographs import MicrographEntry, find_micrographs, read_star_blocks
@@ -266,21 +267,6 @@ def score_histogram(scores: np.ndarray) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------
 # set-up: device, shards, sizes, output names
-
-
-def resolve_device(name: str, environ=os.environ) -> torch.device:
-    """``auto``: the GPU of this torchrun rank (``LOCAL_RANK``) when CUDA works, else the CPU."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device(f"cuda:{int(environ.get('LOCAL_RANK', 0) or 0)}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        warn(f"device {name} was asked for but CUDA is not available; picking on the CPU (slow)")
-        return torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise CryopickError(f"unknown device '{name}' (auto, cpu, cuda or cuda:N)") from None
 
 
 def parse_shard(spec: str | None, environ=os.environ) -> tuple[int, int]:

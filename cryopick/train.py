@@ -28,6 +28,7 @@ from cryopick.augment import strong_augment, weak_augment
 from cryopick.checkpoint import load_checkpoint, save_checkpoint
 from cryopick.config import TrainConfig, dump_yaml, to_dict
 from cryopick.data import PatchDataset, PUBatchSampler, SplitData, batch_composition, load_dataset
+from cryopick.device import resolve_device
 from cryopick.ema import EMATeacher
 from cryopick.errors import CryopickError
 from cryopick.evaluate import binary_metrics, pu_corrected_auc, roc_auc
@@ -56,15 +57,6 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------------------------
 # set-up helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        warn("CUDA was asked for but is not available; training on the CPU (slow)")
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def positive_radius_px(config: TrainConfig, dataset: PatchDataset) -> float:

@@ -217,3 +217,20 @@ def test_prior_from_expected_particles():
 def test_prior_rejects_bad_inputs(args):
     with pytest.raises(CryopickError):
         prior_from_expected_particles(*args)
+
+
+def test_balanced_prior_reweights_both_risks_by_hand():
+    """Imbalanced nnPU (Su et al. 2021) with π = 0.3, π' = 0.5, logits p = [0, 2], u = [0, −1, 1].
+
+    R_p^+ = (ln 2 + ln(1 + e^-2)) / 2 = (0.693147 + 0.126928) / 2 = 0.410038
+    R_p^- = (ln 2 + ln(1 + e^2)) / 2 = (0.693147 + 2.126928) / 2 = 1.410038
+    R_u^- = (0.693147 + 0.313262 + 1.313262) / 3 = 0.773224
+    negative = (1 − 0.5)/(1 − 0.3) · (0.773224 − 0.3·1.410038) = 0.714286 · 0.350212 = 0.250152
+    positive = 0.5 · 0.410038 = 0.205019;  loss = 0.455171
+    """
+    out = nnpu_loss(torch.tensor([0.0, 2.0]), torch.tensor([0.0, -1.0, 1.0]), 0.3, balanced_prior=0.5)
+    assert float(out.positive_risk) == pytest.approx(0.205019, abs=1e-6)
+    assert float(out.negative_risk) == pytest.approx(0.250152, abs=1e-6)
+    assert float(out.loss) == pytest.approx(0.455171, abs=1e-6)
+    plain = nnpu_loss(torch.tensor([0.0, 2.0]), torch.tensor([0.0, -1.0, 1.0]), 0.3)
+    assert float(plain.positive_risk) == pytest.approx(0.3 * 0.410038, abs=1e-6)

@@ -148,3 +148,18 @@ def test_training_is_deterministic(dataset_dir, tmp_path):
     a = train(_config(dataset_dir, tmp_path / "a", **{"train.epochs": 1}), quiet=True).history[-1]
     b = train(_config(dataset_dir, tmp_path / "b", **{"train.epochs": 1}), quiet=True).history[-1]
     assert a["loss"] == b["loss"] and a["val_auc_pu"] == b["val_auc_pu"]
+
+
+def test_torchrun_ddp_on_cpu_trains_with_the_same_command(dataset_dir, tmp_path):
+    """Two gloo processes; rank 0 validates and writes, the sampler splits the batches."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "cryopick", "train", "--data-dir", str(dataset_dir), "--exp-name", "ddp", "--output-root",
+           str(tmp_path), "--backbone", "resnet8", "--epochs", "1", "--steps-per-epoch", "4", "--device", "cpu", "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "ddp" / "metrics.csv").open()))
+    assert len(rows) == 1 and int(rows[0]["step"]) == 2  # 4 global batches, 2 per rank
+    assert load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")["epoch"] == 1

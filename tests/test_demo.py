@@ -1,0 +1,33 @@
+"""The quick start's chain (simulate → extract → train → pick → evaluate) at a tiny size."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cryopick.cli import app
+from cryopick.demo import DemoSettings, run_demo
+from cryopick.errors import CryopickError
+
+
+def test_demo_chain_runs_end_to_end_and_reports(tmp_path):
+    settings = DemoSettings(micrographs=3, size=384, epochs=1, steps_per_epoch=2, device="cpu")
+    report, times = run_demo(tmp_path / "demo", settings, quiet=True)
+    out = tmp_path / "demo"
+    assert (out / "sim" / "case.json").exists() and (out / "dataset" / "manifest.json").exists()
+    assert (out / "experiments" / "demo" / "checkpoints" / "best.pt").exists()
+    assert (out / "picks" / "coords_suffix_cryopick.star").exists()
+    assert set(times) == {"simulate", "extract", "train", "pick", "evaluate"}
+    case = json.loads((out / "sim" / "case.json").read_text())
+    overall = json.loads((out / "evaluation.json").read_text())["overall"]
+    assert overall["n_truth"] == report.overall["n_truth"] == case["counts"]["n_particles"]
+    assert 0.0 <= report.overall["ap"] <= 1.0
+
+
+def test_demo_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(CryopickError, match="not empty"):
+        run_demo(tmp_path / "x", DemoSettings(micrographs=2, size=256), quiet=True)
+    result = CliRunner().invoke(app, ["demo", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
