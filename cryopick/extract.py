@@ -85,13 +85,13 @@ def reflect_pad(image: np.ndarray, pad: int) -> np.ndarray:
 
 
 def crop_patches(padded: np.ndarray, centres_binned: np.ndarray, patch_size: int) -> np.ndarray:
-    """Patches of ``padded`` (padded by patch_size/2) centred on integer binned pixels ``(x, y)``."""
-    half = patch_size // 2
-    out = np.empty((len(centres_binned), patch_size, patch_size), dtype=np.float32)
-    for k, (cx, cy) in enumerate(centres_binned):
-        # padded index of binned pixel c is c + half; the patch's centre index is half
-        out[k] = padded[cy: cy + patch_size, cx: cx + patch_size]
-    return out
+    """Patches of ``padded`` (padded by patch_size/2) centred on integer binned pixels ``(x, y)``.
+
+    The padded index of binned pixel c is c + patch_size/2, so the window starting at c is centred on it.
+    """
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (patch_size, patch_size))
+    centres = np.asarray(centres_binned, dtype=np.int64).reshape(-1, 2)
+    return windows[centres[:, 1], centres[:, 0]]  # one gather (a copy) in C
 
 
 def to_binned_pixels(xy: np.ndarray, scales: tuple[float, float]) -> np.ndarray:
@@ -128,7 +128,8 @@ def extract_micrograph(job: MicrographJob) -> MicrographPatches:
     binned = binned_t.numpy()
     ny, nx = binned.shape
     half = job.patch_size // 2
-    padded = reflect_pad(binned, half)
+    # float16 once for the whole image: the same values as converting each patch, 10× less work
+    padded = reflect_pad(binned, half).astype(np.float16)
 
     pos_b = to_binned_pixels(job.positives, scales) if len(job.positives) else np.zeros((0, 2), np.int64)
     inside = (pos_b[:, 0] >= 0) & (pos_b[:, 0] < nx) & (pos_b[:, 1] >= 0) & (pos_b[:, 1] < ny)
@@ -145,9 +146,9 @@ def extract_micrograph(job: MicrographJob) -> MicrographPatches:
     truth_distance = None if job.truth is None else nearest_distance(unl_xy, job.truth)
     return MicrographPatches(
         index=job.index,
-        positive=crop_patches(padded, pos_b, job.patch_size).astype(np.float16),
+        positive=crop_patches(padded, pos_b, job.patch_size),
         positive_xy=pos_xy.astype(np.float32),
-        unlabeled=crop_patches(padded, unl_b, job.patch_size).astype(np.float16),
+        unlabeled=crop_patches(padded, unl_b, job.patch_size),
         unlabeled_xy=unl_xy.astype(np.float32),
         unlabeled_truth_distance=truth_distance,
         n_padded=int(near_edge.sum()),
