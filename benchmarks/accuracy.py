@@ -288,7 +288,7 @@ def score(result: Result, case: PreparedCase, picks: Path, threshold: float) -> 
 
 
 def cryopick_train_config(case_dir: Path, data_dir: Path, exp_name: str, case: PreparedCase, profile: Profile,
-                          consistency: str, use_ema: bool) -> TrainConfig:
+                          consistency: str, use_ema: bool, balanced_prior: float | None = None) -> TrainConfig:
     overrides = {
         "data.data_dir": str(data_dir), "train.output_root": str(case_dir / "experiments"),
         "train.exp_name": exp_name, "model.backbone": profile.backbone, "train.epochs": profile.epochs,
@@ -296,6 +296,8 @@ def cryopick_train_config(case_dir: Path, data_dir: Path, exp_name: str, case: P
         "loss.expected_particles": case.expected_per_micrograph, "loss.consistency": consistency,
         "model.use_ema": use_ema, "train.seed": 0,
     }
+    if balanced_prior is not None:  # None keeps cryopick's own default
+        overrides["loss.balanced_prior"] = balanced_prior
     if not profile.design_ramps:  # as cryopick.demo: the ramps are in epochs, made for the 50-epoch default
         e = profile.epochs
         overrides["loss.cons_ramp_epochs"] = [0.0, e / 3]
@@ -309,7 +311,7 @@ def cryopick_extract(case: PreparedCase, data_dir: Path, clock: Clock) -> None:
 
 
 def run_cryopick(case: PreparedCase, profile: Profile, work: Path, method: str, consistency: str, use_ema: bool,
-                 extract_clock: Clock | None = None) -> tuple[Result, Clock]:
+                 extract_clock: Clock | None = None, balanced_prior: float | None = None) -> tuple[Result, Clock]:
     """Extract (unless given its clock: the dataset is shared), train, pick at threshold 0, score at 0.5."""
     result = Result(case.name, method, budget=profile.cryopick_budget(), default_threshold="p=0.5")
     case_dir = work / case.name / "cryopick"
@@ -319,7 +321,7 @@ def run_cryopick(case: PreparedCase, profile: Profile, work: Path, method: str, 
         cryopick_extract(case, data_dir, extract_clock)
     clock = Clock()
     exp_name = re.sub(r"[^A-Za-z0-9]+", "_", method).strip("_")
-    cfg = cryopick_train_config(case_dir, data_dir, exp_name, case, profile, consistency, use_ema)
+    cfg = cryopick_train_config(case_dir, data_dir, exp_name, case, profile, consistency, use_ema, balanced_prior)
     trained = clock.run(train, cfg, overwrite=True, quiet=True)
     if trained.interrupted:  # cryopick.train turns Ctrl-C / SIGTERM into a saved, resumable stop
         raise KeyboardInterrupt
@@ -507,28 +509,41 @@ def best_topaz(results: list[Result], case: str) -> Result | None:
     return max(trained, key=lambda r: r.ap) if trained else None
 
 
+def prior_suffix(balanced_prior: float | None) -> str:
+    """Method-label suffix for a non-default nnPU weighting (cryopick's loss.balanced_prior π')."""
+    return "" if balanced_prior is None else f", π'={balanced_prior:g}"
+
+
+def _suffixes(results: list[Result]) -> list[str]:
+    base = ABLATION[0][0]
+    return list(dict.fromkeys(r.method[len(base):] for r in results if r.method.startswith(base)))
+
+
 def verdicts(results: list[Result], cases: list[str]) -> list[str]:
+    """The goal checks: cryopick vs the better trained Topaz per case, and the ablation's ordering."""
     lines = []
-    for case in cases:
-        ours = next((r for r in results if r.case == case and r.method == ABLATION[0][0] and not r.error), None)
-        theirs = best_topaz(results, case)
-        if ours is None or theirs is None:
-            continue
-        gap = ours.ap - theirs.ap
-        won = "cryopick wins" if gap >= 0.05 else ("cryopick ahead by < 0.05 (goal missed)" if gap > 0
-                                                   else "**cryopick loses**")
-        speed = "faster" if ours.wall_s < theirs.wall_s else "**slower**"
-        lines.append(f"- {case}: cryopick AP {ours.ap:.3f} vs Topaz ({theirs.method}) {theirs.ap:.3f}: "
-                     f"ΔAP {gap:+.3f}, {won}; end to end {ours.wall_s:.0f} s vs {theirs.wall_s:.0f} s ({speed}).")
-    ab = {r.method: r for r in results if r.case == ABLATION_CASE and r.method.startswith("cryopick") and not r.error}
-    names = [a[0] for a in ABLATION]
-    if all(n in ab for n in names):
-        sel, fm, pu, noema = (ab[n].ap for n in names)
-        holds = sel >= fm >= pu
-        lines.append(f"- ablation ({ABLATION_CASE}): selective {sel:.3f}, all (FixMatch) {fm:.3f}, none (PU only) "
-                     f"{pu:.3f}: ordering selective ≥ FixMatch ≥ PU-only "
-                     f"{'holds' if holds else '**does not hold**'}; EMA teacher {sel:.3f} vs none {noema:.3f} "
-                     f"({'EMA helps' if sel > noema else '**EMA does not help here**'}).")
+    ok = [r for r in results if not r.error]
+    for suffix in _suffixes(ok):
+        for case in cases:
+            ours = next((r for r in ok if r.case == case and r.method == ABLATION[0][0] + suffix), None)
+            theirs = best_topaz(results, case)
+            if ours is None or theirs is None:
+                continue
+            gap = ours.ap - theirs.ap
+            won = "cryopick wins" if gap >= 0.05 else ("cryopick ahead by < 0.05 (goal missed)" if gap > 0
+                                                       else "**cryopick loses**")
+            speed = "faster" if ours.wall_s < theirs.wall_s else "**slower**"
+            lines.append(f"- {case}: {ours.method} AP {ours.ap:.3f} vs {theirs.method} {theirs.ap:.3f}: "
+                         f"ΔAP {gap:+.3f}, {won}; end to end {ours.wall_s:.0f} s vs {theirs.wall_s:.0f} s ({speed}).")
+        ab = {r.method: r for r in ok if r.case == ABLATION_CASE}
+        names = [a[0] + suffix for a in ABLATION]
+        if all(n in ab for n in names):
+            sel, fm, pu, noema = (ab[n].ap for n in names)
+            holds = sel >= fm >= pu
+            lines.append(f"- ablation ({ABLATION_CASE}{suffix}): selective {sel:.3f}, all (FixMatch) {fm:.3f}, "
+                         f"none (PU only) {pu:.3f}: ordering selective ≥ FixMatch ≥ PU-only "
+                         f"{'holds' if holds else '**does not hold**'}; EMA teacher {sel:.3f} vs none {noema:.3f} "
+                         f"({'EMA helps' if sel > noema else '**EMA does not help here**'}).")
     return lines
 
 
@@ -611,6 +626,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="work directory (default: a temporary folder)")
     ap.add_argument("--skip-topaz", action="store_true", help="cryopick only")
     ap.add_argument("--skip-ablation", action="store_true")
+    ap.add_argument("--balanced-prior", type=float, default=None,
+                    help="cryopick loss.balanced_prior π' for every cryopick row (default: cryopick's own default); "
+                         "the rows are labelled with it")
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished rows of OUT/results.json (same profile) and run only the missing ones")
     ap.add_argument("--results", default=None,
@@ -665,11 +683,12 @@ def main(argv: list[str] | None = None) -> int:
     extract_clocks: dict[str, Clock] = {}
 
     def cryopick_row(case: PreparedCase, method: str, consistency: str, use_ema: bool) -> None:
+        method += prior_suffix(args.balanced_prior)
         if (case.name, method) in done:
             return
         try:
             result, extract_clocks[case.name] = run_cryopick(case, profile, work, method, consistency, use_ema,
-                                                            extract_clocks.get(case.name))
+                                                            extract_clocks.get(case.name), args.balanced_prior)
         except Exception as exc:  # a failed run is a row of the table, not the end of the benchmark
             result = Result(case.name, method, budget=profile.cryopick_budget(), error=f"{type(exc).__name__}: {exc}")
         record(result)

@@ -182,23 +182,24 @@ def step_loss(student, teacher_model, views: Views, config: TrainConfig, prior: 
     lam_c = config.loss.lambda_cons * ramp(epoch_f, *config.loss.cons_ramp_epochs)
     lam_e = config.loss.lambda_ent * ramp(epoch_f, *config.loss.ent_ramp_epochs)
     loss = pu.loss
-    cons_value, mask_rate, pseudo_pos = 0.0, 0.0, 0.0
+    zero = torch.zeros((), device=logits.device)
+    cons_value, mask_rate, pseudo_pos = zero, zero, zero
     if views.strong is not None:
         weak_views = views.unl_weak if config.loss.consistency == "selective" else torch.cat(parts[:2])
         with torch.no_grad(), autocast():
             t_logits = teacher_model(weak_views).float()
         cons = consistency_loss(logits[n_p + n_u:], t_logits, config.loss.consistency_threshold)
         loss = loss + lam_c * cons.loss
-        cons_value, mask_rate = float(cons.loss.detach()), float(cons.mask_rate)
-        pseudo_pos = float(cons.pseudo_positive_rate)
+        cons_value, mask_rate, pseudo_pos = cons.loss.detach(), cons.mask_rate, cons.pseudo_positive_rate
     ent = entropy_loss(lu)
     if lam_e > 0:
         loss = loss + lam_e * ent
+    # device tensors, summed over the epoch and read once at its end: no host sync per value per step
     logs = {
-        "pu_loss": float(pu.risk.detach()), "loss_pos": float(pu.positive_risk.detach()),
-        "loss_neg": float(pu.negative_risk.detach()), "defit_rate": float(pu.defitting),
-        "consistency_loss": cons_value, "entropy_loss": float(ent.detach()),
+        "pu_loss": pu.risk, "loss_pos": pu.positive_risk, "loss_neg": pu.negative_risk,
+        "defit_rate": float(pu.defitting), "consistency_loss": cons_value, "entropy_loss": ent.detach(),
         "lambda_cons": lam_c, "lambda_ent": lam_e, "mask_rate": mask_rate, "pseudo_positive_rate": pseudo_pos,
+        "loss": loss.detach(),
     }
     return loss, logs
 
@@ -397,16 +398,19 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, qu
                     optimisation_step(loss, optimizer, teacher, model)
                     state["step_in_epoch"] = step + 1
                     state["global_step"] += 1
-                    logs["loss"], logs["lr"] = float(loss.detach()), lr
+                    logs["lr"] = lr
                     for k, v in logs.items():
                         sums[k] = sums.get(k, 0.0) + v
                     n_steps += 1
                     n_samples += len(xp) + len(xu)
-                    progress.update(task, advance=1, loss=logs["loss"])
+                    if n_steps % config.train.log_every == 1 or config.train.log_every <= 1:
+                        progress.update(task, advance=1, loss=float(logs["loss"]))
+                    else:
+                        progress.update(task, advance=1)
                     if stop_request.requested:
                         raise KeyboardInterrupt
                 row = {"epoch": epoch, "step": state["global_step"], "prior": prior}
-                row.update({k: v / max(1, n_steps) for k, v in sums.items()})
+                row.update({k: float(v) / max(1, n_steps) for k, v in sums.items()})
                 row["samples_per_s"] = n_samples * dist.world / max(1e-9, time.perf_counter() - t0)
                 state["epoch"], state["step_in_epoch"] = epoch + 1, 0
                 stop = False
