@@ -12,6 +12,7 @@ augmented tensors. Their ratio is the data + augmentation overhead (goal ≤ 1.1
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import time
 
@@ -48,7 +49,7 @@ def run(backbone: str, device: torch.device, steps: int, batch: int, amp: bool, 
         if on_cuda:
             torch.cuda.synchronize()
 
-    batches = sampler.epoch(0)
+    batches = (b for epoch in itertools.count() for b in sampler.epoch(epoch))
 
     def full_step():
         ip, iu = next(batches)
