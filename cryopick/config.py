@@ -40,6 +40,7 @@ class DataConfig:
     batch_size: int = 32
     batch_ratio: list[int] = field(default_factory=lambda: [1, 4])  # P : U in each batch
     max_shift: float = 0.125  # crop shift of weak augmentation = positive tolerance, fraction of the diameter
+    unlabeled_from: str = "labelled"  # labelled: U only from micrographs with labels (no micrograph bias) | all
 
 
 @dataclass

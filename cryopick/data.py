@@ -22,9 +22,22 @@ class SplitData:
     positive: torch.Tensor  # (n_p, P, P) float16
     unlabeled: torch.Tensor  # (n_u, P, P) float16
     unlabeled_truth_distance: torch.Tensor  # (n_u,) original px to the nearest true particle; NaN when unknown
+    positive_micrograph: torch.Tensor | None = None  # (n_p,) micrograph index; None when unknown
+    unlabeled_micrograph: torch.Tensor | None = None  # (n_u,)
 
     def to(self, device: torch.device) -> "SplitData":
-        return SplitData(self.positive.to(device), self.unlabeled.to(device), self.unlabeled_truth_distance.to(device))
+        return SplitData(self.positive.to(device), self.unlabeled.to(device), self.unlabeled_truth_distance.to(device),
+                         self.positive_micrograph, self.unlabeled_micrograph)
+
+    def unlabeled_from_labelled_micrographs(self) -> "SplitData":
+        """Only the unlabeled patches of micrographs that also gave positives (unchanged when unknown)."""
+        if self.positive_micrograph is None or self.unlabeled_micrograph is None:
+            return self
+        keep = torch.isin(self.unlabeled_micrograph, torch.unique(self.positive_micrograph))
+        idx = keep.nonzero()[:, 0]
+        return SplitData(self.positive, self.unlabeled[idx.to(self.unlabeled.device)],
+                         self.unlabeled_truth_distance[idx.to(self.unlabeled_truth_distance.device)],
+                         self.positive_micrograph, self.unlabeled_micrograph[idx])
 
 
 @dataclass
@@ -60,13 +73,23 @@ def _truth_distance(chunk: dict) -> torch.Tensor:
     return td.float() if isinstance(td, torch.Tensor) else torch.full((n,), float("nan"))
 
 
+def _micrographs(chunk: dict, kind: str) -> torch.Tensor | None:
+    meta = chunk["metadata"].get(kind)
+    mic = meta.get("micrograph") if isinstance(meta, dict) else None
+    return mic.long() if isinstance(mic, torch.Tensor) else None
+
+
 def _concat(chunks: list[dict], patch_size: int) -> SplitData:
     empty = torch.zeros((0, patch_size, patch_size), dtype=torch.float16)
     pos = [c["patches"]["positive"].to(torch.float16) for c in chunks]
     unl = [c["patches"]["unlabeled"].to(torch.float16) for c in chunks]
     td = [_truth_distance(c) for c in chunks]
+    mics = {k: [_micrographs(c, k) for c in chunks] for k in ("positive", "unlabeled")}
+    known = all(m is not None for ms in mics.values() for m in ms)
+    pos_mic = torch.cat(mics["positive"]) if known and chunks else None
+    unl_mic = torch.cat(mics["unlabeled"]) if known and chunks else None
     return SplitData(torch.cat(pos) if pos else empty, torch.cat(unl) if unl else empty,
-                     torch.cat(td) if td else torch.zeros(0))
+                     torch.cat(td) if td else torch.zeros(0), pos_mic, unl_mic)
 
 
 def load_dataset(path: str | Path) -> PatchDataset:
@@ -136,7 +159,10 @@ def _split_by_micrograph(data: dict, patch_size: int) -> tuple[SplitData, SplitD
 
     def take(val: bool) -> SplitData:
         mp, mu = parts["positive"] == val, parts["unlabeled"] == val
-        return SplitData(data["patches"]["positive"][mp].half(), data["patches"]["unlabeled"][mu].half(), td[mu])
+        pos_mic, unl_mic = _micrographs(data, "positive"), _micrographs(data, "unlabeled")
+        return SplitData(data["patches"]["positive"][mp].half(), data["patches"]["unlabeled"][mu].half(), td[mu],
+                         pos_mic[mp] if pos_mic is not None else None,
+                         unl_mic[mu] if unl_mic is not None else None)
 
     return take(False), take(True)
 

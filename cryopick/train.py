@@ -76,6 +76,26 @@ def resolve_prior(config: TrainConfig, dataset: PatchDataset) -> float:
     return config.loss.prior
 
 
+def select_unlabeled(split: SplitData, config: TrainConfig, quiet: bool) -> SplitData:
+    """Unlabeled patches for training, by ``data.unlabeled_from``.
+
+    Positives come from a few labelled micrographs. Unlabeled patches from *other* micrographs differ from
+    them in defocus, ice and contrast as well as in content, so a PU classifier can learn "which micrograph"
+    instead of "which particle" (scores then shift from micrograph to micrograph). Drawing U only from the
+    labelled micrographs removes that shortcut; every micrograph is still picked.
+    """
+    if config.data.unlabeled_from == "all":
+        return split
+    if config.data.unlabeled_from != "labelled":
+        raise CryopickError(f"data.unlabeled_from must be labelled or all, got {config.data.unlabeled_from}")
+    chosen = split.unlabeled_from_labelled_micrographs()
+    if len(chosen.unlabeled) == 0:
+        warn("no unlabeled patches on the labelled micrographs; using every micrograph's")
+        return split
+    info(f"unlabeled patches from the labelled micrographs: {len(chosen.unlabeled)} of {len(split.unlabeled)}", quiet)
+    return chosen
+
+
 def lr_at(step: int, total: int, warmup: int, base: float, scheduler: str) -> float:
     if warmup and step < warmup:
         return base * (step + 1) / warmup
@@ -343,7 +363,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, qu
         model = model.to(memory_format=torch.channels_last)
     teacher = EMATeacher(model, config.model.ema_decay) if config.model.use_ema else None
     optimizer = make_optimizer(model, config)
-    train_data = dataset.train.to(device) if on_cuda else dataset.train
+    train_data = select_unlabeled(dataset.train, config, quiet or not dist.main)
+    train_data = train_data.to(device) if on_cuda else train_data
     n_p, n_u = batch_composition(config.data.batch_size, config.data.batch_ratio)
     sampler = PUBatchSampler(len(train_data.positive), len(train_data.unlabeled), n_p, n_u, config.train.seed,
                              config.train.steps_per_epoch, dist.rank, dist.world)

@@ -73,3 +73,22 @@ def test_interrupted_extraction_is_named(tmp_path):
     (tmp_path / "chunk_00000.pt").write_bytes(b"")
     with pytest.raises(CryopickError, match="interrupted"):
         load_dataset(tmp_path)
+
+
+def test_unlabeled_can_be_restricted_to_labelled_micrographs():
+    from cryopick.config import TrainConfig
+    from cryopick.data import SplitData
+    from cryopick.train import select_unlabeled
+
+    split = SplitData(torch.zeros(3, 8, 8), torch.arange(6.0)[:, None, None].expand(6, 8, 8), torch.arange(6.0),
+                      positive_micrograph=torch.tensor([0, 0, 2]),
+                      unlabeled_micrograph=torch.tensor([0, 1, 2, 3, 0, 1]))
+    cfg = TrainConfig()
+    chosen = select_unlabeled(split, cfg, quiet=True)
+    assert chosen.unlabeled[:, 0, 0].tolist() == [0.0, 2.0, 4.0]  # micrographs 0 and 2 only
+    assert chosen.unlabeled_truth_distance.tolist() == [0.0, 2.0, 4.0]
+    cfg.data.unlabeled_from = "all"
+    assert len(select_unlabeled(split, cfg, quiet=True).unlabeled) == 6
+    cfg.data.unlabeled_from = "some"
+    with pytest.raises(CryopickError, match="unlabeled_from"):
+        select_unlabeled(split, cfg, quiet=True)
