@@ -117,6 +117,7 @@ DEV_CASE = "dev-shell"
 DEFAULT_CASES = ["shell-snr0.05", "rod-snr0.03", DEV_CASE]
 ALL_CASES = DEFAULT_CASES + ["blob-snr0.1"]
 ABLATION_CASE = "shell-snr0.05"
+ABLATION_NOISE = 0.05  # AP differences below this are not read as an ordering (one seed per row)
 ABLATION = [  # (method label, loss.consistency, model.use_ema)
     ("cryopick selective+EMA", "selective", True),
     ("cryopick all (FixMatch)+EMA", "all", True),
@@ -540,10 +541,13 @@ def verdicts(results: list[Result], cases: list[str]) -> list[str]:
         if all(n in ab for n in names):
             sel, fm, pu, noema = (ab[n].ap for n in names)
             holds = sel >= fm >= pu
+            spread = max(sel, fm, pu, noema) - min(sel, fm, pu, noema)
+            noise = (f" The spread ({spread:.3f}) is below {ABLATION_NOISE:g} AP, within what one seed per row can "
+                     "tell apart: not a confirmation either way." if spread < ABLATION_NOISE else "")
             lines.append(f"- ablation ({ABLATION_CASE}{suffix}): selective {sel:.3f}, all (FixMatch) {fm:.3f}, "
                          f"none (PU only) {pu:.3f}: ordering selective ≥ FixMatch ≥ PU-only "
                          f"{'holds' if holds else '**does not hold**'}; EMA teacher {sel:.3f} vs none {noema:.3f} "
-                         f"({'EMA helps' if sel > noema else '**EMA does not help here**'}).")
+                         f"({'EMA helps' if sel > noema else '**EMA does not help here**'}).{noise}")
     return lines
 
 
