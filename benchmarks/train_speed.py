@@ -22,7 +22,8 @@ from cryopick.config import TrainConfig
 from cryopick.data import PUBatchSampler, batch_composition
 from cryopick.ema import EMATeacher
 from cryopick.model import PatchClassifier
-from cryopick.train import make_optimizer, make_views, optimisation_step, resolve_device, step_loss, to_input
+from cryopick.device import resolve_device
+from cryopick.train import autocast_factory, make_optimizer, make_views, optimisation_step, step_loss, to_input
 
 
 def run(backbone: str, device: torch.device, steps: int, batch: int, amp: bool, compile_model: bool) -> dict:
@@ -42,8 +43,7 @@ def run(backbone: str, device: torch.device, steps: int, batch: int, amp: bool, 
     sampler = PUBatchSampler(len(pos), len(unl), n_p, n_u, seed=0, steps_per_epoch=steps * 4)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if (amp and on_cuda) else torch.autocast("cpu", enabled=False)
+    autocast = autocast_factory(amp and on_cuda)
 
     def sync():
         if on_cuda:

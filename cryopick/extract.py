@@ -20,6 +20,7 @@ import torch
 
 from cryopick import __version__
 from cryopick.config import ExtractConfig, dump_yaml
+from cryopick.data import DATASET_FORMAT
 from cryopick.errors import CryopickError, InputFileError
 from cryopick.fsutil import save_torch_atomic, write_json_atomic, write_text_atomic
 from cryopick.io.coords import read_coordinates
@@ -29,7 +30,6 @@ from cryopick.io.mrc import read_header, read_micrograph
 from cryopick.preprocessing import PreprocessRecord, binned_shape, choose_bin_factor, preprocess
 from cryopick.progress import console, info, progress_bar, warn
 
-DATASET_FORMAT = 1
 MANIFEST = "manifest.json"
 
 
@@ -59,6 +59,11 @@ class MicrographPatches:
     n_outside: int
     binned_shape: tuple[int, int]
     error: str | None = None
+
+    @classmethod
+    def failed(cls, index: int, reason: str) -> "MicrographPatches":
+        empty = np.empty(0)
+        return cls(index, empty, empty, empty, empty, None, 0, 0, (0, 0), error=reason)
 
 
 @dataclass
@@ -123,7 +128,7 @@ def extract_micrograph(job: MicrographJob) -> MicrographPatches:
     try:
         image = read_micrograph(job.path)
     except InputFileError as exc:
-        return MicrographPatches(job.index, *(np.empty(0),) * 4, None, 0, 0, (0, 0), error=exc.problem)
+        return MicrographPatches.failed(job.index, exc.problem)
     binned_t, scales = preprocess(image, job.factor)
     binned = binned_t.numpy()
     ny, nx = binned.shape

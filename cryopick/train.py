@@ -96,6 +96,13 @@ def select_unlabeled(split: SplitData, config: TrainConfig, quiet: bool) -> Spli
     return chosen
 
 
+def autocast_factory(bf16: bool):
+    """A context-manager factory: bf16 autocast on CUDA, or a disabled one."""
+    if bf16:
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return lambda: torch.autocast("cpu", enabled=False)
+
+
 def lr_at(step: int, total: int, warmup: int, base: float, scheduler: str) -> float:
     if warmup and step < warmup:
         return base * (step + 1) / warmup
@@ -355,8 +362,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, qu
     channels_last = config.train.channels_last and on_cuda
     amp = config.train.amp and on_cuda
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False)
+    autocast = autocast_factory(amp)
 
     model = PatchClassifier(config.model.backbone, config.model.dropout, config.model.output_stride).to(device)
     if channels_last:
@@ -565,8 +571,7 @@ def evaluate_patches(checkpoint: str | Path, data_dir: str | Path, split: str = 
     cfg = ckpt["config"]
     pi = prior if prior is not None else float(ckpt.get("training_state", {}).get("prior") or cfg["loss"]["prior"])
     radius = cfg["data"]["max_shift"] * dataset.record.diameter_binned_px * dataset.record.bin_factor
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else \
-        (lambda: torch.autocast("cpu", enabled=False))
+    autocast = autocast_factory(dev.type == "cuda")
     metrics = validate(model, data, pi, radius, dev, autocast, max_patches=len(data.unlabeled),
                        channels_last=False, threshold=threshold)
     metrics.update({"n_positive": len(data.positive), "n_unlabeled": len(data.unlabeled), "prior": pi,
