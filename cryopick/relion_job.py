@@ -114,7 +114,11 @@ class RelionJobSettings:
 
 
 def parse_params(args: list[str]) -> RelionJobSettings:
-    """``--label value`` pairs (also ``--label=value``) → settings; unknown labels are a clear error."""
+    """``--label value`` pairs (also ``--label=value``) → settings; unknown labels are a clear error.
+
+    RELION writes a Params row as `` --label value`` even when the value is empty, so a label followed by
+    another option (or nothing) keeps its default.
+    """
     values: dict[str, Any] = {}
     k = 0
     while k < len(args):
@@ -123,10 +127,9 @@ def parse_params(args: list[str]) -> RelionJobSettings:
             raise CryopickError(f"unexpected argument {token!r}: parameters come as --name value")
         name, sep, value = token[2:].partition("=")
         if not sep:
-            if k + 1 >= len(args) or (args[k + 1].startswith("--") and not _is_number(args[k + 1])):
-                raise CryopickError(f"parameter --{name} has no value")
-            value = args[k + 1]
-            k += 1
+            has_value = k + 1 < len(args) and (not args[k + 1].startswith("--") or _is_number(args[k + 1]))
+            value = args[k + 1] if has_value else ""
+            k += 1 if has_value else 0
         k += 1
         key = name.replace("-", "_")
         if key not in PARAMS:

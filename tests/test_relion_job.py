@@ -8,9 +8,11 @@ RELION is not installed.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -257,5 +259,18 @@ def test_parse_params_types_spellings_and_errors():
         150.0, 0.5, 10, 0.5, -1.0)
     with pytest.raises(Exception, match="expected float"):
         parse_params(["--diameter", "big"])
-    with pytest.raises(Exception, match="has no value"):
-        parse_params(["--diameter"])
+    assert parse_params(["--threshold", "--diameter", "80"]).threshold == 0.5  # an empty Params value
+    with pytest.raises(Exception, match="unexpected argument"):
+        parse_params(["150"])
+
+
+def test_cryopick_relion_entry_point_takes_relion_command_line(project):
+    """The console script `cryopick-relion`, called as RELION calls it (an empty Params value included)."""
+    script = "import sys; from cryopick.cli import relion_main; sys.argv[0] = 'cryopick-relion'; relion_main()"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-c", script, "--o", JOB, "--in_mics", MICS_STAR, "--model", "models/blob.pt",
+               "--device", "cpu", "--threshold", "--j", "1", "--pipeline_control", JOB]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert exit_files(project / JOB) == {EXIT_SUCCESS}
+    assert len(starfile.read(project / JOB / "autopick.star")) == 3
