@@ -297,9 +297,10 @@ def _train(inputs: RelionJobInputs, settings: RelionJobSettings, abort: AbortWat
         info(f"continuing: training already finished ({best})", quiet)
         return best
     if not (dataset / MANIFEST).is_file():
+        # overwrite=True: replaces the remains of an extraction that was aborted before its manifest
         extract_cfg = resolve(ExtractConfig, None, {
             "diameter": settings.diameter, "val_fraction": settings.val_fraction, "seed": settings.seed,
-            "unlabeled_per_micrograph": settings.unlabeled_per_micrograph, "workers": 1, "overwrite": True})  # overwrite: the remains of an aborted extraction
+            "unlabeled_per_micrograph": settings.unlabeled_per_micrograph, "workers": 1, "overwrite": True})
         summary = extract(inputs.in_mics, coords, dataset, extract_cfg, project_dir=inputs.project_dir, quiet=quiet)
         if not quiet:
             print_summary(summary)

@@ -1,6 +1,6 @@
 """Reading particle coordinates: RELION STAR (per micrograph, coordinate_files lists, particles), EMAN/crYOLO
-box, crYOLO cbox (STAR and plain text), Topaz tables and cryoSPARC ``.cs`` files. Every reader returns particle centres in the pixels
-of the micrograph (x = column, y = row, 0-based), see shared/docs/formats.md sections 1-4.
+box, crYOLO cbox (STAR and plain text), Topaz tables and cryoSPARC ``.cs`` files. Every reader returns particle
+centres in the pixels of the micrograph (x = column, y = row, 0-based), see shared/docs/formats.md sections 1-4.
 """
 
 from __future__ import annotations
