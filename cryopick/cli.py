@@ -385,9 +385,19 @@ def demo(
 
 
 RELION_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+RELION_HELP = (
+    "RELION External job: pick with a trained model (Params row 'model'), or train on the hand picks and pick."
+    "\n\nParams tab rows (label, value): model (checkpoint), diameter (Å, to train), threshold (0–1), epochs, "
+    "steps_per_epoch, backbone, device, expected (particles per micrograph), balanced_prior, val_fraction, "
+    "unlabeled_per_micrograph, edge (px), max_picks, seed, relion_version (auto, 3 or 4/5)."
+    "\n\nWrites per-micrograph *_autopick.star, autopick.star (coordinate_files), RELION_OUTPUT_NODES.star and "
+    "RELION_JOB_EXIT_SUCCESS / _FAILURE / _ABORTED into the job directory; RELION_JOB_ABORT_NOW stops it cleanly."
+    "\n\nExample (what RELION runs): cryopick relion --o External/job005/ --in_mics "
+    "CtfFind/job003/micrographs_ctf.star --in_coords ManualPick/job004/manualpick.star --diameter 150 --j 8"
+)
 
 
-@app.command("relion", context_settings=RELION_CONTEXT)
+@app.command("relion", context_settings=RELION_CONTEXT, help=RELION_HELP)
 def relion(
     ctx: typer.Context,
     out: str = typer.Option(..., "--o", help="Job directory RELION gives, e.g. External/job005/ (run from the "
@@ -405,16 +415,7 @@ def relion(
                                                    "files go to the job directory (--o) either way."),
     quiet: bool = QUIET,
 ) -> None:
-    """RELION External job: pick with a trained model (Params row 'model'), or train on the hand picks and pick.
-
-    Params tab rows (label, value): model (checkpoint), diameter (Å, to train), threshold (0–1), epochs,
-    steps_per_epoch, backbone, device, expected (particles per micrograph), balanced_prior, val_fraction,
-    edge (px), max_picks, seed, relion_version (auto, 3 or 4/5). Writes per-micrograph
-    *_autopick.star, autopick.star (coordinate_files), RELION_OUTPUT_NODES.star and RELION_JOB_EXIT_*.
-
-    Example (what RELION runs): cryopick relion --o External/job005/ --in_mics
-    CtfFind/job003/micrographs_ctf.star --in_coords ManualPick/job004/manualpick.star --diameter 150 --j 8
-    """
+    """RELION External job (help: RELION_HELP); the work is cryopick.relion_job.run_external_job."""
     from cryopick.relion_job import RelionJobInputs, run_external_job
 
     ignored = [name for name, value in (("--in_movies", in_movies), ("--in_3dref", in_3dref),
@@ -428,7 +429,7 @@ def relion(
 def relion_main() -> None:
     """``cryopick-relion``: the External job command alone, for RELION's 'External executable' field."""
     single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    single.command(context_settings=RELION_CONTEXT)(relion)
+    single.command(context_settings=RELION_CONTEXT, help=RELION_HELP)(relion)
     single()
 
 
