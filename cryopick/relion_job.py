@@ -11,9 +11,12 @@ azazellochg/relion-external-jobs ``external_job_cryolo.py`` and DiamondLightSour
   Abort, RELION creates ``RELION_JOB_ABORT_NOW``; the job stops, removes it and writes ``RELION_JOB_EXIT_ABORTED``.
 - ``RELION_OUTPUT_NODES.star`` (block ``output_nodes``) declares the outputs. RELION 4/5 read
   ``rlnPipeLineNodeName`` + ``rlnPipeLineNodeTypeLabel``; a picker's node is its ``coordinate_files`` list
-  labelled ``MicrographsCoords.star.relion.autopick`` (``LABEL_AUTOPICK_COORDS`` in 4.0/5.0
-  ``pipeline_jobs.h``; AutoPick writes ``AutoPick/jobNNN/autopick.star`` with it). RELION 3.1 reads
-  ``rlnPipeLineNodeName`` + the integer ``rlnPipeLineNodeType``, 2 = a ``coords_suffix_*.star`` node.
+  labelled ``LABEL_AUTOPICK_COORDS`` of ``pipeline_jobs.h`` (AutoPick writes ``AutoPick/jobNNN/autopick.star``
+  with it): ``MicrographsCoords.star.relion.autopick`` in RELION 4.0, ``MicrographCoordsGroup.star.relion.autopick``
+  in 5.0, whose node types were renamed (``MicrographGroupMetadata``, ``ParticleGroupMetadata``, ...). The GUI
+  lists a node as coordinates by that type name. RELION 3.1 reads ``rlnPipeLineNodeName`` + the integer
+  ``rlnPipeLineNodeType``, 2 = a ``coords_suffix_*.star`` node. The version comes from the project's
+  ``default_pipeline.star`` (its columns, ``# version`` line and type names) unless a Params row says.
 
 Outputs in JOBDIR: ``<post of rlnMicrographName without extension>_autopick.star`` per micrograph (AutoPick's
 naming, e.g. ``External/job005/Movies/mic001_autopick.star``), ``autopick.star`` (``coordinate_files`` list,
@@ -47,7 +50,8 @@ ABORT_NOW = "RELION_JOB_ABORT_NOW"
 OUTPUT_NODES = "RELION_OUTPUT_NODES.star"
 COORDINATE_LIST = "autopick.star"
 SUFFIX = "autopick"  # per-micrograph files <post>_autopick.star, as RELION's own AutoPick names them
-LABEL_AUTOPICK_COORDS = "MicrographsCoords.star.relion.autopick"  # RELION 4/5 node type label
+LABEL_AUTOPICK_COORDS = {4: "MicrographsCoords.star.relion.autopick",  # RELION 4.0 pipeline_jobs.h
+                         5: "MicrographCoordsGroup.star.relion.autopick"}  # RELION 5.0 pipeline_jobs.h
 NODE_TYPE_COORDS_31 = 2  # RELION 3.1 NODE_MIC_COORDS: a coords_suffix file
 WORK_DIR = "cryopick"  # JOBDIR/cryopick/{dataset,experiment}
 TRAINED_MARKER = "trained.json"
@@ -76,7 +80,7 @@ PARAMS: dict[str, Param] = {
     "edge": Param(float, "drop picks closer than this to an edge, original px"),
     "max_picks": Param(int, "at most this many picks per micrograph"),
     "seed": Param(int, "random seed"),
-    "relion_version": Param(str, "auto (from default_pipeline.star), 3 (3.1 output nodes) or 4/5"),
+    "relion_version": Param(str, "auto (from default_pipeline.star), 3 (3.1), 4 or 5: the output node's type"),
 }
 
 
@@ -343,21 +347,21 @@ def _node_name(out: str, relative: str) -> str:
 
 
 def relion_version(project_dir: Path, setting: str = "auto") -> int:
-    """3 (3.1 integer node types) or 4 (4/5 type labels): the Params row, else the project's pipeline file."""
-    if setting not in ("auto", ""):
-        if setting.strip() in ("3", "3.1"):
-            return 3
-        if setting.strip() in ("4", "4.0", "5", "5.0"):
-            return 4
-        raise CryopickError(f"parameter --relion_version {setting!r}: expected auto, 3, 4 or 5")
-    pipeline = project_dir / "default_pipeline.star"
+    """3, 4 or 5 (major): the Params row, else the project's ``default_pipeline.star``, else 5 (current)."""
+    if setting.strip() not in ("auto", ""):
+        major = setting.strip().split(".")[0]
+        if major not in ("3", "4", "5"):
+            raise CryopickError(f"parameter --relion_version {setting!r}: expected auto, 3, 4 or 5")
+        return int(major)
     try:
-        text = pipeline.read_text(errors="replace")
+        text = (project_dir / "default_pipeline.star").read_text(errors="replace")
     except OSError:
-        return 4
-    if "_rlnPipeLineNodeTypeLabel" in text:
-        return 4
-    return 3 if "_rlnPipeLineNodeType" in text else 4
+        return 5
+    if "_rlnPipeLineNodeTypeLabel" not in text:
+        return 3 if "_rlnPipeLineNodeType" in text else 5
+    # 5.0 writes "# version 50001", the optional depth column and the renamed *Group* node types
+    new_names = ("# version 5", "_rlnPipeLineNodeTypeLabelDepth", "GroupMetadata.star", "MicrographCoordsGroup")
+    return 5 if any(marker in text for marker in new_names) else 4
 
 
 def write_relion_outputs(inputs: RelionJobInputs, version_setting: str = "auto") -> list[Path]:
@@ -371,12 +375,13 @@ def write_relion_outputs(inputs: RelionJobInputs, version_setting: str = "auto")
         if (job_dir / star).is_file():
             rows.append((entry.name, _node_name(inputs.out, star)))
     write_coordinate_files_list(job_dir / COORDINATE_LIST, rows)
-    if relion_version(inputs.project_dir, version_setting) == 3:
+    version = relion_version(inputs.project_dir, version_setting)
+    if version == 3:
         node = star_loop("output_nodes", ["rlnPipeLineNodeName", "rlnPipeLineNodeType"],
                          [(_node_name(inputs.out, f"coords_suffix_{SUFFIX}.star"), NODE_TYPE_COORDS_31)])
     else:
         node = star_loop("output_nodes", ["rlnPipeLineNodeName", "rlnPipeLineNodeTypeLabel"],
-                         [(_node_name(inputs.out, COORDINATE_LIST), LABEL_AUTOPICK_COORDS)])
+                         [(_node_name(inputs.out, COORDINATE_LIST), LABEL_AUTOPICK_COORDS[version])])
     write_text_atomic(job_dir / OUTPUT_NODES, node)
     return [job_dir / COORDINATE_LIST, job_dir / OUTPUT_NODES]
 

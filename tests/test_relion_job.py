@@ -31,10 +31,10 @@ from cryopick.relion_job import (
     EXIT_ABORTED,
     EXIT_FAILURE,
     EXIT_SUCCESS,
-    LABEL_AUTOPICK_COORDS,
     AbortWatch,
     RelionJobInputs,
     parse_params,
+    relion_version,
     write_relion_outputs,
 )
 from cryopick.train import StopRequest
@@ -48,8 +48,15 @@ BLOBS = {  # original px (x, y) on 384×448 (rows × cols) micrographs
     "mic003": [(220.0, 190.0)],
 }
 SHAPE = (384, 448)
-PIPELINE_45 = "data_pipeline_nodes\nloop_\n_rlnPipeLineNodeName #1\n_rlnPipeLineNodeTypeLabel #2\n"
-PIPELINE_31 = "data_pipeline_nodes\nloop_\n_rlnPipeLineNodeName #1\n_rlnPipeLineNodeType #2\n"
+PIPELINE = {  # the node table of default_pipeline.star as each RELION version writes it
+    3: "# version 30001\n\ndata_pipeline_nodes\n\nloop_ \n_rlnPipeLineNodeName #1 \n_rlnPipeLineNodeType #2 \n"
+       "CtfFind/job003/micrographs_ctf.star            1 \n",
+    4: "# version 30001\n\ndata_pipeline_nodes\n\nloop_ \n_rlnPipeLineNodeName #1 \n_rlnPipeLineNodeTypeLabel #2 \n"
+       "CtfFind/job003/micrographs_ctf.star MicrographsData.star.relion.ctf \n",
+    5: "# version 50001\n\ndata_pipeline_nodes\n\nloop_ \n_rlnPipeLineNodeName #1 \n_rlnPipeLineNodeTypeLabel #2 \n"
+       "_rlnPipeLineNodeTypeLabelDepth #3 \n"
+       "CtfFind/job003/micrographs_ctf.star MicrographGroupMetadata.star.relion.ctf            1 \n",
+}
 runner = CliRunner()
 
 
@@ -76,7 +83,7 @@ def project(tmp_path, monkeypatch):
     write_coordinate_files_list("ManualPick/job004/manualpick.star",
                                 [(mic_name(s), f"ManualPick/job004/Movies/{s}_manualpick.star")
                                  for s in ("mic001", "mic002")])
-    (tmp_path / "default_pipeline.star").write_text(PIPELINE_45)
+    (tmp_path / "default_pipeline.star").write_text(PIPELINE[4])
     (tmp_path / "models").mkdir()
     save_model(tmp_path / "models/blob.pt", blob_detector(), RECORD)
     return tmp_path
@@ -114,7 +121,8 @@ def test_pick_mode_writes_every_file_relion_reads(project):
     nodes = starfile.read(job_dir / "RELION_OUTPUT_NODES.star", always_dict=True)
     assert list(nodes) == ["output_nodes"]
     assert nodes["output_nodes"].to_dict("records") == [
-        {"rlnPipeLineNodeName": f"{JOB}autopick.star", "rlnPipeLineNodeTypeLabel": LABEL_AUTOPICK_COORDS}]
+        {"rlnPipeLineNodeName": f"{JOB}autopick.star",
+         "rlnPipeLineNodeTypeLabel": "MicrographsCoords.star.relion.autopick"}]  # RELION 4.0's AutoPick label
     assert (job_dir / "coords_suffix_autopick.star").read_text().strip() == MICS_STAR
 
 
@@ -137,16 +145,24 @@ def test_relion_extracts_exactly_the_picks_of_the_job(project):
     assert got == expected and len(particles) == sum(len(b) for b in BLOBS.values())
 
 
-def test_relion_31_project_gets_a_suffix_node(project):
-    (project / "default_pipeline.star").write_text(PIPELINE_31)
+@pytest.mark.parametrize("version, node", [
+    (3, {"rlnPipeLineNodeName": f"{JOB}coords_suffix_autopick.star", "rlnPipeLineNodeType": 2}),
+    (4, {"rlnPipeLineNodeName": f"{JOB}autopick.star",
+         "rlnPipeLineNodeTypeLabel": "MicrographsCoords.star.relion.autopick"}),
+    (5, {"rlnPipeLineNodeName": f"{JOB}autopick.star",
+         "rlnPipeLineNodeTypeLabel": "MicrographCoordsGroup.star.relion.autopick"}),
+])
+def test_output_node_follows_the_projects_relion_version(project, version, node):
+    (project / "default_pipeline.star").write_text(PIPELINE[version])
     (project / JOB / "Movies").mkdir(parents=True)
     (project / JOB / "Movies/mic001_autopick.star").write_text("")
-    write_relion_outputs(RelionJobInputs(out=JOB, in_mics=MICS_STAR, project_dir=project))
-    nodes = starfile.read(project / JOB / "RELION_OUTPUT_NODES.star")
-    assert nodes.to_dict("records") == [
-        {"rlnPipeLineNodeName": f"{JOB}coords_suffix_autopick.star", "rlnPipeLineNodeType": 2}]
+    write_relion_outputs(RelionJobInputs(out=JOB.rstrip("/"), in_mics=MICS_STAR, project_dir=project))
+    assert starfile.read(project / JOB / "RELION_OUTPUT_NODES.star").to_dict("records") == [node]
+    assert relion_version(project, "auto") == version
+    assert relion_version(project, "4.0") == 4  # a Params row wins over the pipeline file
     listing = starfile.read(project / JOB / "autopick.star")  # only micrographs with a coordinate file
     assert list(listing["rlnMicrographName"]) == [mic_name("mic001")]
+    assert list(listing["rlnMicrographCoordinates"]) == [f"{JOB}Movies/mic001_autopick.star"]
 
 
 def test_continue_picks_only_what_is_missing_and_relists_everything(project):
@@ -259,6 +275,8 @@ def test_parse_params_types_spellings_and_errors():
         150.0, 0.5, 10, 0.5, -1.0)
     with pytest.raises(Exception, match="expected float"):
         parse_params(["--diameter", "big"])
+    with pytest.raises(Exception, match="expected auto, 3, 4 or 5"):
+        relion_version(Path("."), "6")
     assert parse_params(["--threshold", "--diameter", "80"]).threshold == 0.5  # an empty Params value
     with pytest.raises(Exception, match="unexpected argument"):
         parse_params(["150"])
