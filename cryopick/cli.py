@@ -389,7 +389,7 @@ RELION_HELP = (
     "RELION External job: pick with a trained model (Params row 'model'), or train on the hand picks and pick."
     "\n\nParams tab rows (label, value): model (checkpoint), diameter (Å, to train), threshold (0–1), epochs, "
     "steps_per_epoch, backbone, device, expected (particles per micrograph), balanced_prior, val_fraction, "
-    "unlabeled_per_micrograph, edge (px), max_picks, seed, relion_version (auto, 3 or 4/5)."
+    "unlabeled_per_micrograph, edge (px), max_picks, seed, relion_version (auto, 3, 4 or 5)."
     "\n\nWrites per-micrograph *_autopick.star, autopick.star (coordinate_files), RELION_OUTPUT_NODES.star and "
     "RELION_JOB_EXIT_SUCCESS / _FAILURE / _ABORTED into the job directory; RELION_JOB_ABORT_NOW stops it cleanly."
     "\n\nExample (what RELION runs): cryopick relion --o External/job005/ --in_mics "
