@@ -38,7 +38,7 @@ def test_cs_picks_are_labels_of_the_original_micrographs_on_non_square_images(ti
     root, _ = tiny_project  # micrographs mics/mic_{a,b,c}.mrc: 180 rows × 300 columns
     shape = (180, 300)
     rows = [
-        (f"J1/imported/{UID}_mic_a.mrc", shape, 0.25, 0.5),  # x = 75, y = 90: not 0.25·180 or 0.5·300
+        (f"J1/imported/{UID}_mic_a.mrc", shape, 0.25, 0.5),  # x = 0.25·300, y = (1 − 0.5)·180 (lower-left origin)
         (f"J1/imported/{UID}_mic_a.mrc", shape, 0.1, 0.9),
         (f"J3/motioncorrected/{UID}_mic_b_patch_aligned_doseweighted.mrc", shape, 0.5, 0.2),
     ]
@@ -50,8 +50,10 @@ def test_cs_picks_are_labels_of_the_original_micrographs_on_non_square_images(ti
     assert match.unmatched == []
     by_name = {micrographs[i].path.stem: df for i, df in match.coords.items()}
     assert set(by_name) == {"mic_a", "mic_b"}
-    np.testing.assert_allclose(by_name["mic_a"][["x", "y"]].to_numpy(), [[75.0, 90.0], [30.0, 162.0]], atol=1e-3)
-    np.testing.assert_allclose(by_name["mic_b"][["x", "y"]].to_numpy(), [[150.0, 36.0]], atol=1e-3)
+    np.testing.assert_allclose(by_name["mic_a"][["x", "y"]].to_numpy(), [[75.0, 90.0], [30.0, 18.0]], atol=1e-3)
+    np.testing.assert_allclose(by_name["mic_b"][["x", "y"]].to_numpy(), [[150.0, 144.0]], atol=1e-3)
+    ((_, unflipped), *_) = read_cs_locations(root / "P1_J7_picked_particles.cs", flip_y=False)
+    np.testing.assert_allclose(unflipped["y"], [90.0, 162.0], atol=1e-3)  # Patch Motion picks on RELION micrographs
     assert by_name["mic_a"]["score"].isna().all()
 
 
@@ -67,10 +69,11 @@ def test_write_then_read_round_trip_in_original_pixels(tmp_path):
         np.testing.assert_allclose(coords["x"], x, atol=2e-3)
         np.testing.assert_allclose(coords["y"], y, atol=2e-3)
         np.testing.assert_allclose(coords["score"], score, atol=1e-6)
-    array = np.load(tmp_path / "roundtrip-False.cs")
+    array = np.load(tmp_path / "roundtrip-True.cs")  # the default: cryoSPARC's lower-left origin
     assert array["location/micrograph_shape"].tolist()[0] == [3710, 5760]
     assert array["location/center_x_frac"][2] == pytest.approx(5759 / 5760)
-    assert array["location/center_y_frac"][0] == pytest.approx(3709 / 3710)
+    assert array["location/center_y_frac"][0] == pytest.approx(1 - 3709 / 3710, abs=1e-6)
+    assert array["location/center_y_frac"][2] == pytest.approx(1.0)
 
 
 def test_cs_without_locations_is_one_clear_error(tmp_path):

@@ -3,15 +3,15 @@
 A ``.cs`` file from Manual Picker, Inspect Picks, Extract or any particles output holds one row per particle
 with ``location/micrograph_path`` (bytes), ``location/micrograph_shape`` (``[ny, nx]``: rows, columns),
 ``location/center_x_frac`` and ``location/center_y_frac`` (the particle centre as a fraction of the
-micrograph's width and height). Centres in micrograph pixels are ``x = center_x_frac · nx`` and
-``y = center_y_frac · ny`` (pyem ``metadata/cryosparc2.py cryosparc_2_cs_particle_locations`` multiplies the
-same way, ``np.round(frac · shape[::-1])``).
+micrograph's width and height). x is ``center_x_frac · nx`` (pyem ``metadata/cryosparc2.py
+cryosparc_2_cs_particle_locations`` multiplies by ``shape[::-1]``, its always-on "swapxy").
 
-The y axis: pyem flips y by default (``1 − center_y_frac``, "cryoSPARC coordinates have origin in bottom
-left"), and its own comment adds that whether the flip is right depends on which program motion-corrected
-the micrographs (cryoSPARC Patch Motion vs MotionCor2/RELION, pyem#81). We keep the array-row convention
-(no flip) by default, so a ``.cs`` written by :func:`write_cs` reads back exactly; ``flip_y=True`` applies
-pyem's flip for picks that land mirrored (check one micrograph with ``cryopick pick --preview``).
+The y axis: cryoSPARC puts the origin at the lower left, so for the micrograph file it picked on, the RELION
+row is ``y = (1 − center_y_frac) · ny``; cryoSPARC's Import Particles applies the same inversion to RELION
+STAR coordinates (pyem#81 and #101, by pyem's author, who made this pyem's default). That is our default
+(``flip_y=True``), and :func:`write_cs` inverts back, so its ``.cs`` and cryoSPARC agree. pyem#81 adds that
+Patch Motion writes micrographs upside down relative to MotionCor2/RELION: picks made on Patch Motion output,
+used with RELION's motion-corrected micrographs of the same movies, need ``flip_y=False``.
 
 cryoSPARC prefixes the micrographs it imports with a numeric id and an underscore
 (``J1/imported/012345678901234567_mic001.mrc``) and adds suffixes such as ``_patch_aligned_doseweighted``;
@@ -73,10 +73,11 @@ def load_cs(path: str | Path) -> np.ndarray:
     return np.atleast_1d(array)
 
 
-def read_cs_locations(path: str | Path, flip_y: bool = False) -> list[tuple[str, pd.DataFrame]]:
+def read_cs_locations(path: str | Path, flip_y: bool = True) -> list[tuple[str, pd.DataFrame]]:
     """``(micrograph path, centres)`` per micrograph of a ``.cs`` file, in order of first appearance.
 
-    Centres are a frame with ``x``, ``y`` (original micrograph pixels) and ``score`` (NaN when absent).
+    Centres are a frame with ``x``, ``y`` (original micrograph pixels, RELION's row convention) and
+    ``score`` (NaN when absent); ``flip_y``: cryoSPARC's lower-left origin (see the module docstring).
     """
     path = Path(path)
     array = load_cs(path)
@@ -101,10 +102,11 @@ def _text(value) -> str:
 
 
 def write_cs(path: str | Path, rows: Sequence[tuple[str, tuple[int, int], np.ndarray, np.ndarray, np.ndarray]],
-             flip_y: bool = False) -> None:
+             flip_y: bool = True) -> None:
     """Write picks as a cryoSPARC particles ``.cs`` (atomically).
 
-    ``rows``: ``(micrograph name, (ny, nx), x, y, score)`` per micrograph, centres in original pixels.
+    ``rows``: ``(micrograph name, (ny, nx), x, y, score)`` per micrograph, centres in original pixels
+    (RELION rows); ``flip_y`` writes cryoSPARC's lower-left-origin fractions, as :func:`read_cs_locations`.
     """
     names, shapes, fx, fy, scores = [], [], [], [], []
     for name, (ny, nx), x, y, score in rows:
