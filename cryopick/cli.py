@@ -248,6 +248,8 @@ def pick(
     box: bool = typer.Option(False, "--box", help="Also write EMAN .box files (box = particle diameter)."),
     topaz: bool = typer.Option(False, "--topaz", help="Also write one Topaz coordinate table."),
     particles: bool = typer.Option(False, "--particles", help="Also write one combined particles-style STAR."),
+    cryosparc: bool = typer.Option(False, "--cryosparc", help="Also write particles_<suffix>.cs for cryoSPARC "
+                                   "(location fields; with --particles, the STAR its Import Particle Stack reads)."),
     workers: int = typer.Option(2, "--workers", help="Background threads reading the next micrographs."),
     project_dir: Optional[Path] = typer.Option(None, "--project-dir", help="RELION project directory for relative "
                                                "rlnMicrographName paths (default: searched)."),
@@ -263,6 +265,7 @@ def pick(
                  "max_picks": max_picks, "expected": expected, "shard": shard, "preview": preview, "device": device,
                  "batch_size": batch_size, "tile_size": tile_size, "pixel_size": pixel_size,
                  "write_box": box or None, "write_topaz": topaz or None, "write_particles": particles or None,
+                 "write_cryosparc": cryosparc or None,
                  "workers": workers, "overwrite": overwrite or None}
     cfg = resolve(PickConfig, config, overrides)
     run(micrographs, model, out, cfg, quiet=quiet, project_dir=project_dir)  # raises when every micrograph failed
@@ -379,6 +382,55 @@ def demo(
     typer.echo(f"demo: precision {o['precision']:.3f}  recall {o['recall']:.3f}  F1 {o['f1']:.3f}  "
                f"AP {o['ap']:.3f}  (picks {o['n_picks']}, true particles {o['n_truth']}; "
                f"{sum(times.values()):.0f} s)")
+
+
+RELION_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+RELION_HELP = (
+    "RELION External job: pick with a trained model (Params row 'model'), or train on the hand picks and pick."
+    "\n\nParams tab rows (label, value): model (checkpoint), diameter (Å, to train), threshold (0–1), epochs, "
+    "steps_per_epoch, backbone, device, expected (particles per micrograph), balanced_prior, val_fraction, "
+    "unlabeled_per_micrograph, edge (px), max_picks, seed, relion_version (auto, 3, 4 or 5)."
+    "\n\nWrites per-micrograph *_autopick.star, autopick.star (coordinate_files), RELION_OUTPUT_NODES.star and "
+    "RELION_JOB_EXIT_SUCCESS / _FAILURE / _ABORTED into the job directory; RELION_JOB_ABORT_NOW stops it cleanly."
+    "\n\nExample (what RELION runs): cryopick relion --o External/job005/ --in_mics "
+    "CtfFind/job003/micrographs_ctf.star --in_coords ManualPick/job004/manualpick.star --diameter 150 --j 8"
+)
+
+
+@app.command("relion", context_settings=RELION_CONTEXT, help=RELION_HELP)
+def relion(
+    ctx: typer.Context,
+    out: str = typer.Option(..., "--o", help="Job directory RELION gives, e.g. External/job005/ (run from the "
+                            "project directory, as RELION does)."),
+    in_mics: Optional[str] = typer.Option(None, "--in_mics", help="Micrographs STAR (e.g. "
+                                          "CtfFind/job003/micrographs_ctf.star): every micrograph is picked."),
+    in_coords: Optional[str] = typer.Option(None, "--in_coords", help="Hand picks to train on: a coordinate_files "
+                                            "list (ManualPick/job004/manualpick.star) or a 3.1 coords_suffix file."),
+    in_parts: Optional[str] = typer.Option(None, "--in_parts", help="Hand picks to train on, as a particles STAR."),
+    in_movies: Optional[str] = typer.Option(None, "--in_movies", hidden=True),
+    in_3dref: Optional[str] = typer.Option(None, "--in_3dref", hidden=True),
+    in_mask: Optional[str] = typer.Option(None, "--in_mask", hidden=True),
+    threads: int = typer.Option(1, "--j", help="Threads (RELION's 'Number of threads'): torch's CPU threads."),
+    pipeline_control: Optional[str] = typer.Option(None, "--pipeline_control", help="Given by RELION; the exit "
+                                                   "files go to the job directory (--o) either way."),
+    quiet: bool = QUIET,
+) -> None:
+    """RELION External job (help: RELION_HELP); the work is cryopick.relion_job.run_external_job."""
+    from cryopick.relion_job import RelionJobInputs, run_external_job
+
+    ignored = [name for name, value in (("--in_movies", in_movies), ("--in_3dref", in_3dref),
+                                        ("--in_mask", in_mask)) if value]
+    if ignored and not quiet:
+        typer.echo(f"ignoring {', '.join(ignored)}: cryopick picks micrographs (--in_mics)", err=True)
+    inputs = RelionJobInputs(out=out, in_mics=in_mics, in_coords=in_coords, in_parts=in_parts, threads=threads)
+    raise typer.Exit(run_external_job(inputs, list(ctx.args), quiet=quiet))
+
+
+def relion_main() -> None:
+    """``cryopick-relion``: the External job command alone, for RELION's 'External executable' field."""
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command(context_settings=RELION_CONTEXT, help=RELION_HELP)(relion)
+    single()
 
 
 def main() -> None:

@@ -137,6 +137,7 @@ class PickConfig:
     write_box: bool = False
     write_topaz: bool = False
     write_particles: bool = False
+    write_cryosparc: bool = False  # particles_<suffix>.cs (cryoSPARC location fields)
     workers: int = 2  # background threads reading and preprocessing the next micrographs
     amp: bool = True  # bf16 autocast on CUDA
 

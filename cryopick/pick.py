@@ -26,7 +26,7 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,7 @@ from cryopick.config import PickConfig, dump_yaml
 from cryopick.device import resolve_device
 from cryopick.errors import CryopickError, InputFileError
 from cryopick.fsutil import safe_join, write_json_atomic, write_text_atomic
+from cryopick.io.cryosparc import write_cs
 from cryopick.io.micrographs import MicrographEntry, find_micrographs, read_star_blocks
 from cryopick.io.mrc import read_header, read_micrograph
 from cryopick.io.relion import (
@@ -354,8 +355,13 @@ class ListFiles:
     def particles(self) -> str:
         return f"particles_{self.suffix}.star"
 
+    @property
+    def cryosparc(self) -> str:
+        return f"particles_{self.suffix}.cs"
+
     def all(self) -> list[str]:
-        return [self.coords_suffix, self.coordinate_list, self.micrographs, self.topaz, self.particles, CONFIG_NAME]
+        return [self.coords_suffix, self.coordinate_list, self.micrographs, self.topaz, self.particles,
+                self.cryosparc, CONFIG_NAME]
 
 
 def plan_outputs(entries: list[MicrographEntry], suffix: str, reserved: Iterable[str]
@@ -549,6 +555,7 @@ class PickSummary:
     shard: tuple[int, int] = (0, 1)
     device: str = "cpu"
     seconds: float = 0.0
+    stopped: bool = False  # the caller's stop() asked to stop between micrographs (e.g. a RELION abort)
 
     @property
     def total_picks(self) -> int:
@@ -569,8 +576,13 @@ class _RunState:
 
 
 def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config: PickConfig,
-         quiet: bool = False, project_dir: str | Path | None = None) -> PickSummary:
-    """Pick particles in ``micrographs`` with checkpoint ``model``; RELION coordinate files in ``out_dir``."""
+         quiet: bool = False, project_dir: str | Path | None = None,
+         stop: Callable[[], bool] | None = None) -> PickSummary:
+    """Pick particles in ``micrographs`` with checkpoint ``model``; RELION coordinate files in ``out_dir``.
+
+    ``stop`` is polled between micrographs; when it returns True the run stops there (``summary.stopped``),
+    still writing the list files for the micrographs done, so a rerun continues where it stopped.
+    """
     started = time.perf_counter()
     validate_pick_config(config)
     ckpt = load_checkpoint(model)
@@ -605,14 +617,14 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
     state = _RunState(summary, preview_stars=preview_stars)
     if todo:
         scorer = DenseScorer(network, device, record.patch_size // 2, config.tile_size, config.amp)
-        _pick_all(todo, scorer, record, config, out_root, state, quiet)
+        _pick_all(todo, scorer, record, config, out_root, state, quiet, stop)
     _finish_scores(state, config)
     summary.outputs += write_run_files(micrographs, out_root, Path(out_dir), plans, ledger, lists, record, config,
                                        state.processed_pixel_sizes)
     summary.seconds = time.perf_counter() - started
     if not quiet:
         print_summary(summary)
-    if (todo or summary.failed) and not summary.counts:
+    if (todo or summary.failed) and not summary.counts and not summary.stopped:
         raise CryopickError(f"every micrograph failed ({len(summary.failed)}); first: "
                             + "; ".join(f"{n}: {r}" for n, r in list(summary.failed.items())[:3]))
     return summary
@@ -640,12 +652,18 @@ def validate_pick_config(config: PickConfig) -> None:
 
 
 def _pick_all(todo: list[PlannedMicrograph], scorer: DenseScorer, record: PreprocessRecord, config: PickConfig,
-              out_root: Path, state: _RunState, quiet: bool) -> None:
+              out_root: Path, state: _RunState, quiet: bool, stop: Callable[[], bool] | None = None) -> None:
+    def stopping() -> bool:
+        state.summary.stopped = state.summary.stopped or (stop is not None and stop())
+        return state.summary.stopped
+
     found = done = 0
     start = time.perf_counter()
     with progress_bar(quiet, extra="{task.fields[particles]} particles · {task.fields[rate]} mic/s") as bar:
         task = bar.add_task("picking", total=len(todo), particles=0, rate="–")
         for batch in iter_batches(iter_loaded(todo, record, config), config.batch_size):
+            if stopping():
+                break
             if isinstance(batch, LoadFailure):
                 warn(f"{batch.plan.entry.name}: {batch.reason} (skipped)")
                 state.summary.failed[batch.plan.entry.name] = batch.reason
@@ -654,8 +672,10 @@ def _pick_all(todo: list[PlannedMicrograph], scorer: DenseScorer, record: Prepro
                 continue
             maps = scorer(torch.stack([m.binned for m in batch]))
             for loaded, logits in zip(batch, maps):
+                if stopping():
+                    break
                 found += _pick_one(loaded, logits, scorer, record, config, out_root, state, quiet)
-            done += len(batch)
+                done += 1
             rate = len(state.summary.counts) / max(time.perf_counter() - start, 1e-9)
             bar.update(task, completed=done, particles=found, rate=f"{rate:.2f}")
 
@@ -771,7 +791,7 @@ def write_run_files(micrographs: str | Path, out_root: Path, out_dir_given: Path
     write_text_atomic(target(lists.coords_suffix), micrographs_star + "\n")
     write_coordinate_files_list(target(lists.coordinate_list),
                                 [(p.entry.name, _as_given(out_dir_given, p.star)) for p in present])
-    if config.write_box or config.write_topaz or config.write_particles:
+    if config.write_box or config.write_topaz or config.write_particles or config.write_cryosparc:
         picks = {p.entry.name: read_coordinate_star(out_root / p.star) for p in present}
         if config.write_box:
             for p in present:
@@ -786,6 +806,9 @@ def write_run_files(micrographs: str | Path, out_root: Path, out_dir_given: Path
             write_text_atomic(target(lists.particles), star_loop(
                 "particles", ["rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY", "rlnAutopickFigureOfMerit"],
                 rows))
+        if config.write_cryosparc:
+            write_cs(target(lists.cryosparc), [(p.entry.name, read_header(p.entry.path).shape,
+                                                *_columns(picks[p.entry.name])) for p in present])
     resolved = config
     if config.radius_px is None and pixel_sizes:
         first_pixel_size = next(iter(pixel_sizes.values()))

@@ -1,6 +1,6 @@
 """Reading particle coordinates: RELION STAR (per micrograph, coordinate_files lists, particles), EMAN/crYOLO
-box, crYOLO cbox (STAR and plain text) and Topaz tables. Every reader returns particle centres in the pixels
-of the micrograph (x = column, y = row, 0-based), see shared/docs/formats.md sections 1-4.
+box, crYOLO cbox (STAR and plain text), Topaz tables and cryoSPARC ``.cs`` files. Every reader returns particle
+centres in the pixels of the micrograph (x = column, y = row, 0-based), see shared/docs/formats.md sections 1-4.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 
 from cryopick.errors import CryopickError, InputFileError
+from cryopick.io.cryosparc import is_cs_file, read_cs_locations
 from cryopick.io.micrographs import candidate_bases, describe_bases, read_star_blocks, resolve_data_path
 from cryopick.progress import warn
 
-COORDINATE_SUFFIXES = (".star", ".box", ".cbox", ".txt", ".tsv")
+COORDINATE_SUFFIXES = (".star", ".box", ".cbox", ".txt", ".tsv", ".cs")
 # RELION job bookkeeping that sits beside coordinate files in a job directory and holds no coordinates.
 _BOOKKEEPING_FILES = frozenset({
     "job.star", "job_pipeline.star", "default_pipeline.star", "RELION_OUTPUT_NODES.star", "note.txt",
@@ -119,6 +120,8 @@ def _read_tables(path: Path, pixel_size: float | None, allow_list: bool) -> list
         raise InputFileError(path, "file not found" if not path.exists() else "not a regular file")
     if path.name.startswith(_SUFFIX_NODE_PREFIX):
         return _read_suffix_node(path)
+    if is_cs_file(path):  # binary numpy: before the text sniffing below
+        return [CoordinateTable(path, name, coords) for name, coords in read_cs_locations(path)]
     head = _read_head(path)
     if not head.strip():
         return [CoordinateTable(path, None, empty_coords())]  # RELION's empty coordinate table is a 0-byte file

@@ -3,11 +3,14 @@
 A name matches a micrograph when, in this order: the paths are equal; the stems are equal; or the name's stem
 is the micrograph stem + ``_`` + a picker suffix (``_autopick``, ``_manualpick``, ``_topazpicks`` …), the
 longest micrograph stem winning so ``mic_1`` never takes ``mic_10``'s picks. Directories are ignored except
-to choose between micrographs that share a stem. Case is ignored only when nothing matches with it.
+to choose between micrographs that share a stem. Case is ignored only when nothing matches with it. Last,
+cryoSPARC's import id (``012345678901234567_mic001_patch_aligned_doseweighted.mrc``) is dropped from both
+names, so picks made in cryoSPARC match the original micrographs (``mic001.mrc``).
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -20,11 +23,18 @@ from cryopick.io.micrographs import MicrographEntry, micrograph_stem
 from cryopick.io.relion import relion_post
 
 _SHOWN_TIES = 3
+# cryoSPARC renames imported files <uid>_<original name>; uids are long random integers (18+ digits seen)
+_CRYOSPARC_UID = re.compile(r"^\d{6,}_(?=.)")
 
 
 def coordinate_key(name: str) -> str:
     """The stem a name is matched by: basename, known extension removed (``Movies/mic001.mrc`` → ``mic001``)."""
     return micrograph_stem(name)
+
+
+def without_cryosparc_uid(stem: str) -> str:
+    """``012345678901234567_mic001`` → ``mic001``; other stems unchanged."""
+    return _CRYOSPARC_UID.sub("", stem, count=1)
 
 
 def _normalised_path(name: str) -> str:
@@ -56,11 +66,13 @@ class _MicrographIndex:
         self.by_path: dict[str, list[int]] = defaultdict(list)
         self.by_stem: dict[str, list[int]] = defaultdict(list)
         self.by_lower_stem: dict[str, list[int]] = defaultdict(list)
+        self.by_plain_stem: dict[str, list[int]] = defaultdict(list)  # cryoSPARC uid removed
         for index, name in enumerate(self.names):
             self.by_path[_normalised_path(name)].append(index)
             stem = coordinate_key(name)
             self.by_stem[stem].append(index)
             self.by_lower_stem[stem.lower()].append(index)
+            self.by_plain_stem[without_cryosparc_uid(stem)].append(index)
 
     def lookup(self, name: str) -> tuple[int | None, list[int]]:
         """(index of the micrograph ``name`` refers to, or None; the tied candidates when ambiguous)."""
@@ -68,7 +80,8 @@ class _MicrographIndex:
         if same_path:
             return same_path[0], []
         key = coordinate_key(name)
-        for stems, probe in ((self.by_stem, key), (self.by_lower_stem, key.lower())):
+        plain = without_cryosparc_uid(key)
+        for stems, probe in ((self.by_stem, key), (self.by_lower_stem, key.lower()), (self.by_plain_stem, plain)):
             candidates = self._stem_candidates(stems, probe)
             if candidates:
                 return self._choose_by_directory(name, candidates)
