@@ -53,7 +53,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CryopickError(f"{path}: not a readable cryopick checkpoint ({first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "cryopick-checkpoint":
         raise CryopickError(f"{path}: not a cryopick checkpoint")
-    missing = [k for k in ("model_spec", "model_state", "preprocess", "config") if not ckpt.get(k)]
+    missing = [k for k in ("model_spec", "model_state", "preprocess") if not ckpt.get(k)]
     if missing:
         what = "its preprocessing record (binning, pixel size, diameter)" if missing == ["preprocess"] else \
             ", ".join(missing)
