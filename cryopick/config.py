@@ -143,6 +143,18 @@ class PickConfig:
     amp: bool = True  # bf16 autocast on CUDA
 
 
+@dataclass
+class EvaluateConfig:
+    radius: float | None = None  # match radius, original px
+    diameter: float | None = None  # Å
+    pixel_size: float | None = None  # Å/px
+    threshold: float | None = None  # score threshold for precision/recall/F1
+    method: str = "hungarian"  # hungarian | greedy
+    coord_scale: float = 1.0
+    split: str = "val"  # patch-level mode: val | train | all
+    device: str = "auto"
+
+
 # ---------------------------------------------------------------------------------------------
 # dict <-> dataclass, YAML, dotted overrides
 
@@ -392,6 +404,16 @@ RULES: dict[type, dict[str, Rule]] = {
         "tile_size": _r("--tile-size", 64, 1e6, integer=True),
         "pixel_size": _r("--pixel-size", 0, 1e4, low_open=True, optional=True),
         "workers": _r("--workers", 0, 1024, integer=True),
+    },
+    EvaluateConfig: {
+        "radius": _r("--radius", 0, 1e6, low_open=True, optional=True),
+        "diameter": _r("--diameter", 0, 1e5, low_open=True, optional=True),
+        "pixel_size": _r("--pixel-size", 0, 1e4, low_open=True, optional=True),
+        "threshold": _r("--threshold", 0, 1, optional=True),
+        "method": _r("--method", choices=("hungarian", "greedy")),
+        "coord_scale": _r("--coord-scale", 0, 1e4, low_open=True),
+        "split": _r("--split", choices=("val", "train", "all")),
+        "device": _r("--device", **DEVICE),
     },
 }
 
