@@ -30,6 +30,15 @@ from cryopick.train import train
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    """Tiny tensors run faster on one thread, much faster when other jobs load the CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
