@@ -118,7 +118,7 @@ def recover_replaced_dir(target: str | Path) -> None:
     missing, and remove staging/retired directories of processes that are no longer running."""
     import shutil
 
-    target = Path(target)
+    target = Path(target).resolve()
     if not target.parent.is_dir():
         return
     for tag in (RETIRED_TAG, STAGING_TAG):
@@ -136,7 +136,7 @@ def new_staging_dir(target: str | Path) -> Path:
     """An empty hidden sibling of ``target`` to build its replacement in (leftovers of killed runs removed)."""
     import shutil
 
-    target = Path(target)
+    target = Path(target).resolve()  # "." has no name to put a sibling beside
     recover_replaced_dir(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}{STAGING_TAG}{os.getpid()}"
@@ -168,6 +168,7 @@ def swap_in(new: Path, target: Path) -> None:
     """Put directory ``new`` at ``target``; an existing ``target`` is retired first and then removed."""
     import shutil
 
+    target = Path(target).resolve()
     retired = None
     if target.exists():
         retired = target.parent / f".{target.name}{RETIRED_TAG}{os.getpid()}"

@@ -60,7 +60,12 @@ def old(tmp_path_factory):
             ExtractConfig(diameter=160.0, unlabeled_per_micrograph=30, val_fraction=0.25), quiet=True)
     train(resolve(TrainConfig, None, TRAIN | {"data.data_dir": str(root / "ds"), "train.output_root": str(root / "exp")}),
           quiet=True)
-    pick(str(root / "sim/micrographs"), root / MODEL, root / "picks", PickConfig(workers=0, threshold=0.3), quiet=True)
+    here = os.getcwd()
+    os.chdir(root)  # micrograph names as the killed commands (run in root) see them
+    try:
+        pick("sim/micrographs", MODEL, "picks", PickConfig(workers=0, threshold=0.3), quiet=True)
+    finally:
+        os.chdir(here)
     return root
 
 
@@ -101,25 +106,25 @@ def test_killed_train_overwrite_keeps_or_completes_and_a_first_run_resumes(old):
         assert result.epochs_run == 2 and (old / "exp/fresh/checkpoints/best.pt").is_file()
 
 
-def test_killed_pick_overwrite_keeps_or_completes_and_a_killed_run_resumes(old):
+def test_killed_pick_overwrite_keeps_or_completes_and_a_killed_run_resumes(old, monkeypatch):
+    monkeypatch.chdir(old)
     before = digest(old / "picks")
     stars = sorted(p for p in before if p.endswith("_cryopick.star") and "/" in p)
+    assert len(stars) == 4
     run_and_kill(["pick", "sim/micrographs", "-m", MODEL, "-o", "picks", "--overwrite", "--threshold", "0.6",
                        "--workers", "0"], old)
     now = digest(old / "picks")
     if now != before:
         marker = json.loads((old / "picks/.cryopick_pick.json").read_text())
         if marker["produced_by"] is None:  # killed while moving the new files in: --overwrite finishes it
-            pick(str(old / "sim/micrographs"), old / MODEL, old / "picks",
-                 PickConfig(workers=0, threshold=0.6, overwrite=True), quiet=True)
+            pick("sim/micrographs", MODEL, "picks", PickConfig(workers=0, threshold=0.6, overwrite=True), quiet=True)
             marker = json.loads((old / "picks/.cryopick_pick.json").read_text())
         assert marker["produced_by"]["settings"]["threshold"] == 0.6
         assert all((old / "picks" / s).is_file() for s in stars)
 
     rc = run_and_kill(["pick", "sim/micrographs", "-m", MODEL, "-o", "fresh", "--threshold", "0.3",
                        "--workers", "0"], old)
-    summary = pick(str(old / "sim/micrographs"), old / MODEL, old / "fresh", PickConfig(workers=0, threshold=0.3),
-                   quiet=True)  # the rerun resumes
+    summary = pick("sim/micrographs", MODEL, "fresh", PickConfig(workers=0, threshold=0.3), quiet=True)  # resumes
     if rc == 0:
         assert summary.counts == {}
     fresh = digest(old / "fresh")
