@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 import typing
 from dataclasses import dataclass, field
@@ -469,7 +470,7 @@ def _check_value(value: Any, ftype: Any, rule: Rule | None, key: str) -> None:
 
 def _check_number(value: Any, base: type, rule: Rule | None, name: str) -> None:
     expected = rule.accepted() if rule else f"a finite {base.__name__}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise CryopickError(f"{name} = {value!r}: expected {expected}")
     if (base is int or (rule and rule.integer)) and float(value) != int(value):
         raise CryopickError(f"{name} = {value!r}: expected {expected}")
