@@ -53,6 +53,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CryopickError(f"{path}: not a readable cryopick checkpoint ({first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "cryopick-checkpoint":
         raise CryopickError(f"{path}: not a cryopick checkpoint")
+    missing = [k for k in ("model_spec", "model_state", "preprocess") if not ckpt.get(k)]
+    if missing:
+        what = "its preprocessing record (binning, pixel size, diameter)" if missing == ["preprocess"] else \
+            ", ".join(missing)
+        raise CryopickError(f"{path}: the checkpoint lacks {what}, so it cannot be used; train again to get a "
+                            "complete checkpoint")
     version = ckpt.get("format_version")
     if version != CHECKPOINT_FORMAT:
         raise CryopickError(
@@ -65,14 +71,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> PatchClassifier:
     """The network in eval mode, with the EMA teacher's weights when present (what training evaluated)."""
-    model = build_model(ckpt["model_spec"])
+    spec = ckpt["model_spec"]
+    try:
+        model = build_model(spec)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CryopickError(f"checkpoint model spec {spec} is not usable ({exc})") from None
     state = ckpt["ema_state"] if (use_ema and ckpt.get("ema_state")) else ckpt["model_state"]
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CryopickError(f"checkpoint weights do not match its model spec {ckpt['model_spec']}: {exc}") from None
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:200]
+        raise CryopickError(f"checkpoint weights do not match its model spec {spec} ({detail})") from None
     return model.eval()
 
 
 def preprocess_from_checkpoint(ckpt: dict) -> PreprocessRecord:
-    return PreprocessRecord.from_dict(ckpt["preprocess"])
+    try:
+        return PreprocessRecord.from_dict(ckpt.get("preprocess"))
+    except CryopickError as exc:
+        raise CryopickError(f"checkpoint: {exc}") from None

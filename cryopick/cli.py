@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional
@@ -11,6 +13,7 @@ from typing import Callable, Optional
 import typer
 
 from cryopick import __version__
+from cryopick.config import EvaluateConfig, ExtractConfig, PickConfig, TrainConfig, resolve
 from cryopick.errors import CryopickError
 
 app = typer.Typer(
@@ -21,7 +24,28 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or info lines (warnings and errors still print).")
+
+
+def flag(*names: str, help: str) -> bool:
+    """An on/off option shown as a flag (no value) in --help."""
+    return typer.Option(False, *names, help=help, metavar="")
+
+
+def default(cls: type, key: str) -> str:
+    """`` [default: X]`` for --help, read from the config dataclass (the one source of defaults)."""
+    from rich.markup import escape
+
+    value = cls()
+    for part in key.split("."):
+        value = getattr(value, part)
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    return " " + escape(f"[default: {value}]")
+
+
+QUIET = flag("--quiet", "-q", help="No progress bars or info lines (warnings and errors still print).")
 
 
 def _version(value: bool) -> None:
@@ -41,32 +65,53 @@ def user_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from rich.markup import escape
+
         from cryopick.progress import console
 
+        previous = _terminate_as_interrupt()
         try:
             return func(*args, **kwargs)
         except CryopickError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
         except KeyboardInterrupt:
             console.print("[red]interrupted[/red]")
             raise typer.Exit(130)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
+        except OSError as exc:  # the file system refused (permissions, full disk, a directory for a file)
+            where = f"{exc.filename}: " if exc.filename else ""
+            console.print(f"[red]error:[/red] {escape(where + (exc.strerror or str(exc)))}", highlight=False)
+            raise typer.Exit(1)
         except Exception as exc:  # a bug, not bad input: still one line, the traceback on request
             if os.environ.get("CRYOPICK_DEBUG"):
                 raise
             console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
                           "(please report it; set CRYOPICK_DEBUG=1 for the traceback)", highlight=False)
             raise typer.Exit(2)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (cluster schedulers, kill) unwinds like Ctrl-C, so partial outputs are cleaned up."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(epilog="Example: cryopick simulate sim/ -n 4 --size 1024 --particle shell --snr 0.05")
 @user_errors
 def simulate(
     out: Path = typer.Argument(..., help="Output directory (micrographs/, truth/, labels/, micrographs.star, case.json)."),
@@ -80,7 +125,7 @@ def simulate(
     label_fraction: float = typer.Option(0.15, "--label-fraction", help="Fraction of particles labelled (sparse picks)."),
     dtype: str = typer.Option("float32", "--dtype", help="MRC data type: float32, float16 or int16."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing simulation in OUT."),
+    overwrite: bool = flag("--overwrite", help="Replace an existing simulation in OUT."),
     quiet: bool = QUIET,
 ) -> None:
     """Write synthetic micrographs with full ground truth and sparse hand-pick-like labels."""
@@ -105,7 +150,8 @@ def _parse_size(text: str) -> tuple[int, int]:
     raise CryopickError(f"--size {text!r}: expected N or NXxNY in pixels")
 
 
-@app.command()
+@app.command(epilog="Example: cryopick extract CtfFind/job003/micrographs_ctf.star --coords ManualPick/job004/ "
+                     "--diameter 150 --out ds/ -j 8")
 @user_errors
 def extract(
     micrographs: str = typer.Argument(..., help="Micrographs: a directory, a glob ('mics/*.mrc') or a RELION micrographs STAR."),
@@ -113,30 +159,36 @@ def extract(
                                "(RELION STAR, coordinate_files list, particles STAR, .box, .cbox, Topaz table)."),
     diameter: float = typer.Option(..., "--diameter", "-d", help="Particle diameter, Å. Sets the default binning "
                                    "(particle ≈ half the patch) and pick's NMS radius."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output dataset directory."),
-    bin_factor: Optional[int] = typer.Option(None, "--bin", help="Integer bin factor (original px per binned px)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output dataset directory (new, or a dataset to --overwrite)."),
+    bin_factor: Optional[int] = typer.Option(None, "--bin", help="Integer bin factor (original px per binned px) "
+                                             "\\[default: particle ≈ half the patch]."),
     target_pixel_size: Optional[float] = typer.Option(None, "--target-pixel-size", help="Pixel size after binning, Å/px."),
     pixel_size: Optional[float] = typer.Option(None, "--pixel-size", help="Pixel size of the input micrographs, Å/px "
                                                "(overrides the MRC headers and the STAR optics)."),
     unlabeled: Optional[int] = typer.Option(None, "--unlabeled-per-micrograph", help="Unlabeled patches per micrograph "
                                             "(default: about one per particle radius² of area, 200–2000)."),
-    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Fraction of micrographs held out for validation."),
-    chunk_size: int = typer.Option(2048, "--chunk-size", help="Patches per chunk_NNNNN.pt file."),
-    workers: int = typer.Option(1, "--workers", "-j", help="Parallel worker processes (micrographs)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the validation split and unlabeled centres."),
-    coord_scale: float = typer.Option(1.0, "--coord-scale", help="Multiply input coordinates by this (e.g. Topaz "
-                                      "tables in binned pixels) to get original micrograph pixels."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Fraction of micrographs held out for "
+                                                 "validation, 0 ≤ f < 1." + default(ExtractConfig, "val_fraction")),
+    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Patches per chunk_NNNNN.pt file."
+                                             + default(ExtractConfig, "chunk_size")),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Parallel worker processes (micrographs)."
+                                          + default(ExtractConfig, "workers")),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the validation split and unlabeled centres."
+                                       + default(ExtractConfig, "seed")),
+    coord_scale: Optional[float] = typer.Option(None, "--coord-scale", help="Multiply input coordinates by this (e.g. "
+                                                "Topaz tables in binned pixels) to get original micrograph pixels."
+                                                + default(ExtractConfig, "coord_scale")),
     truth: Optional[str] = typer.Option(None, "--truth", help="Full ground truth (simulated data): recorded so "
                                         "training can report true validation metrics. Never used for training."),
     project_dir: Optional[Path] = typer.Option(None, "--project-dir", help="RELION project directory that "
                                                "rlnMicrographName paths are relative to (default: searched)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with ExtractConfig keys (CLI wins)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a dataset already in --out."),
-    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable micrograph instead of skipping it."),
+    overwrite: bool = flag("--overwrite", help="Replace a dataset already in --out (built aside, swapped in only "
+                           "when complete)."),
+    strict: bool = flag("--strict", help="Stop at the first unreadable micrograph instead of skipping it."),
     quiet: bool = QUIET,
 ) -> None:
     """Cut 128×128 positive patches at labelled centres and unlabeled patches at random centres."""
-    from cryopick.config import ExtractConfig, resolve
     from cryopick.extract import extract as run
     from cryopick.extract import print_summary
 
@@ -154,41 +206,52 @@ def default_config_text() -> str:
     return resources.files("cryopick").joinpath("configs/pu_selective_fixmatch.yaml").read_text()
 
 
-@app.command()
+@app.command(epilog="Example: cryopick train --data-dir ds/ --exp-name run1 --expected-particles 300 "
+                     "--balanced-prior 0.5   (--print-config shows every key)")
 @user_errors
 def train(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Dataset from extract (directory) or a "
                                             "preprocessed_data.pt file."),
-    exp_name: Optional[str] = typer.Option(None, "--exp-name", help="Experiment name: output goes to OUTPUT_ROOT/NAME."),
+    exp_name: Optional[str] = typer.Option(None, "--exp-name", help="Experiment name: output goes to OUTPUT_ROOT/NAME."
+                                           + default(TrainConfig, "train.exp_name")),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (keys as in --print-config); CLI wins."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (one epoch shows every positive once)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Patches per batch, positives + unlabeled."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="resnet8 (small, CPU), resnet18, resnet34, resnet50."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (one epoch shows every positive once)."
+                                         + default(TrainConfig, "train.epochs")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Patches per batch, positives + unlabeled."
+                                             + default(TrainConfig, "data.batch_size")),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="resnet8 (small, CPU), resnet18, resnet34, resnet50."
+                                           + default(TrainConfig, "model.backbone")),
     prior: Optional[float] = typer.Option(None, "--prior", help="Class prior π: fraction of unlabeled patch centres "
-                                          "within the positive radius of a particle (default 0.3)."),
+                                          "within the positive radius of a particle, 0 < π < 1."
+                                          + default(TrainConfig, "loss.prior")),
     expected_particles: Optional[float] = typer.Option(None, "--expected-particles", help="Particles per micrograph; "
                                                        "sets π from the positive radius and micrograph area."),
     balanced_prior: Optional[float] = typer.Option(None, "--balanced-prior", help="Imbalanced nnPU (Su et al. 2021): "
                                                    "weigh the risks as if the prior were this (e.g. 0.5) so rare "
                                                    "particles reach probabilities above 0.5 (default: plain nnPU)."),
     consistency: Optional[str] = typer.Option(None, "--consistency", help="selective (unlabeled only), all (standard "
-                                              "FixMatch) or none (PU only)."),
-    no_ema: bool = typer.Option(False, "--no-ema", help="No EMA teacher: pseudo-labels and validation use the student."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
+                                              "FixMatch) or none (PU only)." + default(TrainConfig, "loss.consistency")),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", metavar="", help="EMA teacher (--no-ema: pseudo-labels "
+                                       "and validation use the student)." + default(TrainConfig, "model.use_ema")),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate." + default(TrainConfig, "optim.lr")),
     steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help="Batches per epoch (default: one pass "
                                                   "over the unlabeled patches; positives cycle, each seen every epoch)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (runs are deterministic on the CPU)."),
-    output_root: Optional[str] = typer.Option(None, "--output-root", help="Directory holding experiments (default experiments)."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (CUDA)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from checkpoints/last.pt of this experiment."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an experiment directory that has a run."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the default configuration and exit."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."
+                                         + default(TrainConfig, "train.device")),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", metavar="", help="bf16 autocast on CUDA."
+                                       + default(TrainConfig, "train.amp")),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (runs are deterministic on the CPU)."
+                                       + default(TrainConfig, "train.seed")),
+    output_root: Optional[str] = typer.Option(None, "--output-root", help="Directory holding experiments."
+                                              + default(TrainConfig, "train.output_root")),
+    compile_model: bool = flag("--compile", help="torch.compile the model (CUDA)."),
+    resume: bool = flag("--resume", help="Continue from checkpoints/last.pt of this experiment."),
+    overwrite: bool = flag("--overwrite", help="Start over in an experiment directory that has a run (the new run "
+                           "replaces the old one only when it completes)."),
+    print_config: bool = flag("--print-config", help="Print the default configuration and exit."),
     quiet: bool = QUIET,
 ) -> None:
     """Train the picker with nnPU + Selective FixMatch and an EMA teacher; writes experiments/NAME/."""
-    from cryopick.config import TrainConfig, resolve
-
     if print_config:
         typer.echo(default_config_text())
         return
@@ -199,15 +262,13 @@ def train(
         "data.batch_size": batch_size, "model.backbone": backbone, "loss.prior": prior,
         "loss.expected_particles": expected_particles, "loss.consistency": consistency,
         "loss.balanced_prior": balanced_prior,
-        "model.use_ema": False if no_ema else None, "optim.lr": lr, "train.steps_per_epoch": steps_per_epoch,
+        "model.use_ema": ema, "optim.lr": lr, "train.amp": amp, "train.steps_per_epoch": steps_per_epoch,
         "train.device": device, "train.seed": seed, "train.output_root": output_root,
         "train.compile": True if compile_model else None,
     }
     cfg = resolve(TrainConfig, config, overrides)
     if not cfg.data.data_dir:
         raise CryopickError("give --data-dir (or data.data_dir in the config)")
-    if cfg.loss.consistency not in ("selective", "all", "none"):
-        raise CryopickError(f"--consistency must be selective, all or none, got {cfg.loss.consistency}")
     result = run(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
     if result.interrupted:
         raise typer.Exit(130)
@@ -216,49 +277,63 @@ def train(
                    f"checkpoints in {result.exp_dir / 'checkpoints'}")
 
 
-@app.command()
+@app.command(epilog="Example: cryopick pick CtfFind/job003/micrographs_ctf.star --model "
+                     "experiments/run1/checkpoints/best.pt --out External/job010/ --threshold 0.5")
 @user_errors
 def pick(
     micrographs: str = typer.Argument(..., help="Micrographs: a directory, a glob or a RELION micrographs STAR."),
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint from cryopick train (best.pt); it carries the "
                                "binning and normalisation, which are applied to every micrograph."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (e.g. a RELION External/jobNNN/)."),
-    threshold: float = typer.Option(0.5, "--threshold", help="Probability (0–1) a pick must reach; it is written as "
-                                    "rlnAutopickFigureOfMerit, so you can also select later in RELION."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Probability (0–1) a pick must reach; it is "
+                                              "written as rlnAutopickFigureOfMerit, so you can also select later in "
+                                              "RELION." + default(PickConfig, "threshold")),
     radius: Optional[float] = typer.Option(None, "--radius", help="NMS radius, Å (default: half the particle "
                                            "diameter given to extract)."),
     radius_px: Optional[float] = typer.Option(None, "--radius-px", help="NMS radius in original micrograph pixels "
                                               "(overrides --radius)."),
-    suffix: str = typer.Option("cryopick", "--suffix", help="Coordinate files are <micrograph>_<suffix>.star."),
-    edge: float = typer.Option(0.0, "--edge", help="Drop picks closer than this to a micrograph edge, original px "
-                               "(half your extraction box keeps every box inside)."),
+    suffix: Optional[str] = typer.Option(None, "--suffix", help="Coordinate files are <micrograph>_<suffix>.star."
+                                         + default(PickConfig, "suffix")),
+    edge: Optional[float] = typer.Option(None, "--edge", help="Drop picks closer than this to a micrograph edge, "
+                                         "original px (half your extraction box keeps every box inside)."
+                                         + default(PickConfig, "edge")),
     max_picks: Optional[int] = typer.Option(None, "--max-picks", help="At most this many picks per micrograph (best kept)."),
     expected: Optional[float] = typer.Option(None, "--expected", help="Particles you expect per micrograph: the "
                                              "summary reports the threshold that gives that many."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: pick only micrographs k with k mod n = i "
                                         "(array jobs; under torchrun RANK/WORLD_SIZE are used)."),
-    preview: int = typer.Option(0, "--preview", help="Write PNG previews (binned, low-passed, picks as circles) "
-                                "of this many micrographs to OUT/preview/."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Micrographs of equal size scored together (GPU)."),
-    tile_size: int = typer.Option(2048, "--tile-size", help="Largest binned-pixel edge scored at once; bigger "
-                                  "micrographs are tiled with overlap."),
+    preview: Optional[int] = typer.Option(None, "--preview", help="Write PNG previews (binned, low-passed, picks as "
+                                          "circles) of this many micrographs to OUT/preview/."
+                                          + default(PickConfig, "preview")),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."
+                                         + default(PickConfig, "device")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Micrographs of equal size scored together "
+                                             "(GPU)." + default(PickConfig, "batch_size")),
+    tile_size: Optional[int] = typer.Option(None, "--tile-size", help="Largest binned-pixel edge scored at once; "
+                                            "bigger micrographs are tiled with overlap." + default(PickConfig, "tile_size")),
     pixel_size: Optional[float] = typer.Option(None, "--pixel-size", help="Micrograph pixel size, Å/px (overrides "
                                                "STAR and headers); a size other than training's is rescaled."),
-    box: bool = typer.Option(False, "--box", help="Also write EMAN .box files (box = particle diameter)."),
-    topaz: bool = typer.Option(False, "--topaz", help="Also write one Topaz coordinate table."),
-    particles: bool = typer.Option(False, "--particles", help="Also write one combined particles-style STAR."),
-    cryosparc: bool = typer.Option(False, "--cryosparc", help="Also write particles_<suffix>.cs for cryoSPARC "
-                                   "(location fields; with --particles, the STAR its Import Particle Stack reads)."),
-    workers: int = typer.Option(2, "--workers", help="Background threads reading the next micrographs."),
+    box: bool = flag("--box", help="Also write EMAN .box files (box = particle diameter)."),
+    topaz: bool = flag("--topaz", help="Also write one Topaz coordinate table."),
+    particles: bool = flag("--particles", help="Also write one combined particles-style STAR."),
+    cryosparc: bool = flag("--cryosparc", help="Also write particles_<suffix>.cs for cryoSPARC "
+                           "(location fields; with --particles, the STAR its Import Particle Stack reads)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Background threads reading the next micrographs "
+                                          "(0: none)." + default(PickConfig, "workers")),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", metavar="", help="bf16 autocast on CUDA."
+                                       + default(PickConfig, "amp")),
     project_dir: Optional[Path] = typer.Option(None, "--project-dir", help="RELION project directory for relative "
                                                "rlnMicrographName paths (default: searched)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with PickConfig keys (CLI wins)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo micrographs already picked in OUT."),
+    overwrite: bool = flag("--overwrite", help="Replace the picks in OUT (also those of another model or settings); "
+                           "the new picks are built aside and replace the old only when the run succeeds."),
     quiet: bool = QUIET,
 ) -> None:
-    """Score every micrograph densely, threshold, NMS, and write RELION coordinate STARs."""
-    from cryopick.config import PickConfig, resolve
+    """Score every micrograph densely, threshold, NMS, and write RELION coordinate STARs.
+
+    Re-running the same command resumes (micrographs already picked are kept); another model or other
+    settings into the same OUT need --overwrite.
+    """
     from cryopick.pick import pick as run
 
     overrides = {"threshold": threshold, "radius": radius, "radius_px": radius_px, "suffix": suffix, "edge": edge,
@@ -266,12 +341,13 @@ def pick(
                  "batch_size": batch_size, "tile_size": tile_size, "pixel_size": pixel_size,
                  "write_box": box or None, "write_topaz": topaz or None, "write_particles": particles or None,
                  "write_cryosparc": cryosparc or None,
-                 "workers": workers, "overwrite": overwrite or None}
+                 "workers": workers, "amp": amp, "overwrite": overwrite or None}
     cfg = resolve(PickConfig, config, overrides)
     run(micrographs, model, out, cfg, quiet=quiet, project_dir=project_dir)  # raises when every micrograph failed
 
 
-@app.command()
+@app.command(epilog="Example: cryopick evaluate picks/ --truth reference_picks/ --model "
+                     "experiments/run1/checkpoints/best.pt --json report.json")
 @user_errors
 def evaluate(
     picks: Optional[str] = typer.Argument(None, help="Picks: a directory, glob or file in any format extract reads "
@@ -288,7 +364,8 @@ def evaluate(
     coord_scale: float = typer.Option(1.0, "--coord-scale", help="Multiply pick coordinates by this first."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write per-micrograph rows as CSV."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Precision-recall curve PNG (needs cryopick[plot])."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Precision-recall curve PNG (needs "
+                                        "matplotlib: pip install 'cryopick\\[plot]')."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint: gives the diameter for the default "
                                          "radius; with --data-dir, evaluates the model on patches instead."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Patch-level mode: dataset from extract "
@@ -298,7 +375,15 @@ def evaluate(
     quiet: bool = QUIET,
 ) -> None:
     """Score picks against reference coordinates (precision, recall, F1, AP), or a checkpoint on patches."""
+    from cryopick.config import validate
+    from cryopick.fsutil import check_output_file
     from cryopick.progress import console
+
+    validate(EvaluateConfig(radius=radius, diameter=diameter, pixel_size=pixel_size, threshold=threshold,
+                            method=method, coord_scale=coord_scale, split=split, device=device))
+    for path, option in ((json_out, "--json"), (csv_out, "--csv"), (plot, "--plot")):
+        if path is not None:
+            check_output_file(path, option)
 
     if data_dir is not None:
         if model is None:
@@ -358,7 +443,7 @@ def _print_patch_metrics(metrics: dict) -> None:
     console.print(table)
 
 
-@app.command()
+@app.command(epilog="Example: cryopick demo cryopick-demo   (about 3 minutes on 2 CPU cores)")
 @user_errors
 def demo(
     out: Path = typer.Argument(Path("cryopick-demo"), help="Working directory for the demo (must be new or empty)."),
@@ -369,7 +454,7 @@ def demo(
     particle: str = typer.Option("shell", "--particle", help="Particle shape: shell, blob, rod, ring."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Reuse a non-empty OUT, replacing its files."),
+    overwrite: bool = flag("--overwrite", help="Reuse a non-empty OUT, replacing its files."),
     quiet: bool = QUIET,
 ) -> None:
     """Simulate → extract → train → pick → evaluate on a CPU in a few minutes; prints precision/recall/AP."""

@@ -107,9 +107,18 @@ def load_dataset(path: str | Path) -> PatchDataset:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
         raise CryopickError(f"{manifest_path}: corrupt manifest ({exc})") from None
-    if manifest.get("format_version") != DATASET_FORMAT:
-        raise CryopickError(f"{manifest_path}: dataset format {manifest.get('format_version')} is not supported "
+    if not isinstance(manifest, dict) or manifest.get("format_version") != DATASET_FORMAT:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise CryopickError(f"{manifest_path}: dataset format {version} is not supported "
                             f"(expected {DATASET_FORMAT}); re-run extract")
+    try:
+        return _load_from_manifest(path, manifest)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CryopickError(f"{manifest_path}: damaged manifest (missing or bad entry {exc}); re-run extract "
+                            "with --overwrite") from None
+
+
+def _load_from_manifest(path: Path, manifest: dict) -> PatchDataset:
     record = PreprocessRecord.from_dict(manifest["preprocess"])
     by_split: dict[str, list[dict]] = {"train": [], "val": []}
     for entry in manifest["chunks"]:

@@ -19,10 +19,17 @@ import pandas as pd
 import torch
 
 from cryopick import __version__
-from cryopick.config import ExtractConfig, dump_yaml
+from cryopick.config import ExtractConfig, dump_yaml, validate
 from cryopick.data import DATASET_FORMAT
 from cryopick.errors import CryopickError, InputFileError
-from cryopick.fsutil import save_torch_atomic, write_json_atomic, write_text_atomic
+from cryopick.fsutil import (
+    check_output_dir,
+    recover_replaced_dir,
+    save_torch_atomic,
+    staged_dir,
+    write_json_atomic,
+    write_text_atomic,
+)
 from cryopick.io.coords import read_coordinates
 from cryopick.io.matching import match_coordinates
 from cryopick.io.micrographs import MicrographEntry, find_micrographs
@@ -31,6 +38,7 @@ from cryopick.preprocessing import PreprocessRecord, binned_shape, choose_bin_fa
 from cryopick.progress import console, info, progress_bar, warn
 
 MANIFEST = "manifest.json"
+CONFIG_NAME = "extract_config.yaml"
 
 
 @dataclass
@@ -241,12 +249,73 @@ def split_micrographs(n: int, labelled: np.ndarray, val_fraction: float, seed: i
 
 
 def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    existing = list(out_dir.glob("chunk_*.pt")) + ([out_dir / MANIFEST] if (out_dir / MANIFEST).exists() else [])
-    if existing and not overwrite:
-        raise CryopickError(f"{out_dir}: already holds a dataset ({len(existing)} files); use --overwrite to replace it")
-    for path in existing:
-        path.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Before any work: the dataset may be written (and, with ``overwrite``, replaced) at ``out_dir``.
+
+    The new dataset is built beside ``out_dir`` and swapped in whole, so ``out_dir`` must hold nothing
+    but a dataset: other files would be lost in the swap.
+    """
+    check_output_dir(out_dir, "--out")
+    recover_replaced_dir(out_dir)
+    if not out_dir.is_dir():
+        return
+    ours = [p for p in out_dir.iterdir() if p.name in (MANIFEST, CONFIG_NAME) or
+            (p.name.startswith("chunk_") and p.suffix == ".pt") or p.name.startswith(".chunk_")]
+    others = sorted(p.name for p in out_dir.iterdir() if p not in ours)
+    if others:
+        shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+        raise CryopickError(f"--out {out_dir}: holds files that are not a cryopick dataset ({shown}); "
+                            "choose a new or empty directory")
+    if ours and not overwrite:
+        raise CryopickError(f"{out_dir}: already holds a dataset ({len(ours)} files); use --overwrite to replace it "
+                            "(the new dataset is built aside and replaces the old one only when complete)")
+
+
+def _usable_sizes(entries: list[MicrographEntry], shapes: list, labels: dict, truth: dict | None,
+                  record: PreprocessRecord, config: ExtractConfig, summary: ExtractSummary):
+    """The particle must fit in a patch, and a binned micrograph must exceed half a patch (edge padding);
+    smaller micrographs are skipped and listed. Returns entries, shapes, labels and truth, renumbered."""
+    factor = record.bin_factor
+    if record.diameter_binned_px > config.patch_size:
+        raise CryopickError(
+            f"the particle spans {record.diameter_binned_px:.0f} binned px at bin ×{factor:g}, more than the "
+            f"{config.patch_size}-px patch: raise --bin (or leave it out) or check --diameter ({config.diameter:g} Å)")
+    keep, reason = [], ""
+    for k, (entry, shape) in enumerate(zip(entries, shapes)):
+        small = binned_shape(shape, factor)
+        if min(small) > config.patch_size // 2:
+            keep.append(k)
+            continue
+        reason = (f"{shape[1]}×{shape[0]} px binned ×{factor:g} is {small[1]}×{small[0]} px, not more than half "
+                  f"a {config.patch_size}-px patch")
+        summary.skipped.append((str(entry.path), reason))
+        warn(f"{entry.path}: {reason} (skipped)")
+    if not keep:
+        raise CryopickError(f"every micrograph is too small at bin ×{factor:g} (e.g. {reason}); "
+                            f"check --diameter ({config.diameter:g} Å), --bin and --target-pixel-size")
+    renumber = {old: new for new, old in enumerate(keep)}
+    labels = {renumber[k]: v for k, v in labels.items() if k in renumber}
+    truth = None if truth is None else {renumber[k]: v for k, v in truth.items() if k in renumber}
+    if sum(len(df) for df in labels.values()) == 0:
+        raise CryopickError("no labelled coordinate is on a micrograph large enough to use (listed above)")
+    return [entries[k] for k in keep], [shapes[k] for k in keep], labels, truth
+
+
+def _deduplicate(coords: dict) -> dict:
+    """Drop labels repeating another label's centre (to the pixel) on the same micrograph, with one warning."""
+    out, dropped, where = {}, 0, 0
+    for i, table in coords.items():
+        key = np.rint(table[["x", "y"]].to_numpy(np.float64))
+        _, first = np.unique(key, axis=0, return_index=True)
+        n_dup = len(table) - len(first)
+        if n_dup:
+            dropped += n_dup
+            where += 1
+            table = table.iloc[np.sort(first)].reset_index(drop=True)
+        out[i] = table
+    if dropped:
+        warn(f"{dropped} duplicate label(s) (same centre as another label on the same micrograph) dropped, "
+             f"in {where} micrograph(s)")
+    return out
 
 
 def _pixel_sizes(entries: list[MicrographEntry], config: ExtractConfig, summary: ExtractSummary,
@@ -320,7 +389,9 @@ def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, co
             truth: str | Path | None = None, project_dir: str | Path | None = None,
             quiet: bool = False) -> ExtractSummary:
     """Build a patch dataset; see the module docstring for the layout. Raises CryopickError when it cannot."""
+    validate(config)
     out_dir = Path(out_dir)
+    _check_output_dir(out_dir, config.overwrite)
     summary = ExtractSummary(out_dir=out_dir)
     entries = find_micrographs(micrographs, project_dir=project_dir)
     summary.n_micrographs = len(entries)
@@ -332,6 +403,7 @@ def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, co
         warn(f"coordinates matched no micrograph: {item}")
     if sum(len(df) for df in match.coords.values()) == 0:
         raise CryopickError(f"no labelled coordinate matched any micrograph (coordinates: {coords})")
+    labels = _deduplicate(match.coords)
     truth_coords = None
     if truth is not None:
         truth_coords = match_coordinates(entries, read_coordinates(truth)).coords
@@ -340,11 +412,23 @@ def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, co
     record = PreprocessRecord(pixel_size=pixel_size, bin_factor=factor, diameter_A=float(config.diameter),
                               patch_size=config.patch_size)
     summary.record = record
-    _check_output_dir(out_dir, config.overwrite)
+    entries, shapes, labels, truth_coords = _usable_sizes(entries, shapes, labels, truth_coords, record, config,
+                                                          summary)
+    with staged_dir(out_dir) as stage:
+        _extract_into(stage, entries, shapes, labels, truth_coords, factor, record, config, summary,
+                      truth is not None, quiet)
+    return summary
+
+
+def _extract_into(out_dir: Path, entries: list[MicrographEntry], shapes: list, labels: dict, truth_coords,
+                  factor: float, record: PreprocessRecord, config: ExtractConfig, summary: ExtractSummary,
+                  has_truth: bool, quiet: bool) -> None:
+    """Cut and write every micrograph's patches, the manifest and the config into ``out_dir`` (staging)."""
+    pixel_size = record.pixel_size
     info(f"pixel size {pixel_size:.4g} Å/px, bin ×{factor:.4g} → {record.binned_pixel_size:.4g} Å/px; "
          f"particle {record.diameter_binned_px:.1f} binned px across a {config.patch_size}-px patch", quiet)
 
-    labelled = np.array([len(match.coords.get(i, ())) > 0 for i in range(len(entries))])
+    labelled = np.array([len(labels.get(i, ())) > 0 for i in range(len(entries))])
     splits = split_micrographs(len(entries), labelled, config.val_fraction, config.seed)
     names = [e.name for e in entries]
     counter, chunks = [0], []
@@ -352,7 +436,7 @@ def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, co
                for s in ("train", "val")}
     mic_records: list[dict] = []
     failed: set[int] = set()
-    jobs = _jobs(entries, match.coords, truth_coords, factor, config, record, shapes)
+    jobs = _jobs(entries, labels, truth_coords, factor, config, record, shapes)
     with progress_bar(quiet, extra="{task.fields[patches]} patches") as progress:
         task = progress.add_task("extract", total=len(entries), patches=0)
         n_done = 0
@@ -384,9 +468,8 @@ def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, co
         raise CryopickError("no usable micrographs: every micrograph failed (listed above)")
     if summary.n_positive["train"] == 0:
         raise CryopickError("no positive patch in the training split (all labelled coordinates fell outside?)")
-    _write_manifest(out_dir, config, record, mic_records, chunks, summary, truth is not None)
-    write_text_atomic(out_dir / "extract_config.yaml", dump_yaml(config))
-    return summary
+    _write_manifest(out_dir, config, record, mic_records, chunks, summary, has_truth)
+    write_text_atomic(out_dir / CONFIG_NAME, dump_yaml(config))
 
 
 def _micrograph_record(entry: MicrographEntry, split: str, shape, result: MicrographPatches) -> dict:

@@ -65,3 +65,115 @@ def safe_join(root: str | Path, relative: str | Path) -> Path:
     if target != root and root not in target.parents:
         raise CryopickError(f"refusing to write {relative}: the path leaves the output directory {root}")
     return target
+
+
+# ---------------------------------------------------------------------------------------------
+# replacing a whole output directory: build the new one beside it, swap only when complete
+
+STAGING_TAG = ".cryopick-new-"
+RETIRED_TAG = ".cryopick-old-"
+
+
+def check_output_dir(path: str | Path, option: str) -> Path:
+    """Refuse, in one line, an output directory that is a file or cannot be created or written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CryopickError(f"{option} {path}: exists and is not a directory")
+    parent = path if path.is_dir() else _existing_ancestor(path)
+    if not parent.is_dir():
+        raise CryopickError(f"{option} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CryopickError(f"{option} {path}: no permission to write in {parent}")
+    return path
+
+
+def check_output_file(path: str | Path, option: str) -> Path:
+    """Refuse an output file path that is a directory or whose directory cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise CryopickError(f"{option} {path}: is a directory; give a file name")
+    check_output_dir(path.parent if str(path.parent) else Path("."), option)
+    return path
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_replaced_dir(target: str | Path) -> None:
+    """Undo what a killed swap or build left beside ``target``: restore a retired copy when the target is
+    missing, and remove staging/retired directories of processes that are no longer running."""
+    import shutil
+
+    target = Path(target).resolve()
+    if not target.parent.is_dir():
+        return
+    for tag in (RETIRED_TAG, STAGING_TAG):
+        for path in sorted(target.parent.glob(f".{target.name}{tag}*")):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+                continue
+            if tag == RETIRED_TAG and not target.exists():
+                os.replace(path, target)  # killed between the two renames of a swap
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def new_staging_dir(target: str | Path) -> Path:
+    """An empty hidden sibling of ``target`` to build its replacement in (leftovers of killed runs removed)."""
+    import shutil
+
+    target = Path(target).resolve()  # "." has no name to put a sibling beside
+    recover_replaced_dir(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}{STAGING_TAG}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def discard_dir(path: str | Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(target: str | Path) -> Iterator[Path]:
+    """Yield an empty sibling directory; when the block succeeds it replaces ``target`` (old contents
+    removed), when it fails or is interrupted it is deleted and ``target`` is left exactly as it was."""
+    staging = new_staging_dir(target)
+    try:
+        yield staging
+        swap_in(staging, Path(target))
+    except BaseException:
+        discard_dir(staging)
+        raise
+
+
+def swap_in(new: Path, target: Path) -> None:
+    """Put directory ``new`` at ``target``; an existing ``target`` is retired first and then removed."""
+    import shutil
+
+    target = Path(target).resolve()
+    retired = None
+    if target.exists():
+        retired = target.parent / f".{target.name}{RETIRED_TAG}{os.getpid()}"
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(target, retired)
+    os.replace(new, target)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -37,10 +38,10 @@ from scipy.special import expit
 
 from cryopick import __version__
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
-from cryopick.config import PickConfig, dump_yaml
+from cryopick.config import PickConfig, dump_yaml, validate
 from cryopick.device import resolve_device
 from cryopick.errors import CryopickError, InputFileError
-from cryopick.fsutil import safe_join, write_json_atomic, write_text_atomic
+from cryopick.fsutil import check_output_dir, discard_dir, safe_join, write_json_atomic, write_text_atomic
 from cryopick.io.cryosparc import write_cs
 from cryopick.io.micrographs import MicrographEntry, find_micrographs, read_star_blocks
 from cryopick.io.mrc import read_header, read_micrograph
@@ -65,6 +66,9 @@ CONFIG_NAME = "pick_config.yaml"
 PREVIEW_DIR = "preview"
 HISTOGRAM_BINS = 10
 PIXEL_SIZE_TOLERANCE = 1e-3  # relative difference below which pixel sizes count as equal
+STAGING_PREFIX = ".cryopick_pick.staging"
+# the settings that change which picks are written: a rerun into the same --out must use the same ones
+PROVENANCE_KEYS = ("threshold", "radius", "radius_px", "edge", "max_picks", "pixel_size", "suffix")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,11 +407,27 @@ class OutputLedger:
         self.path = out_dir / name
         self.owned: set[str] = set()
         self.mine: set[str] = set()
+        self.produced_by: dict[str, dict | None] = {}  # marker name → what made its picks (None: unknown)
+        self.my_producer: dict | None = None
         for marker in sorted(out_dir.glob(MARKER_GLOB)):
-            files = _read_marker(marker)
+            files, producer = _read_marker(marker)
             self.owned |= files
+            self.produced_by[marker.name] = producer
             if marker.name == name:
                 self.mine = set(files)
+                self.my_producer = producer
+
+    def conflicts(self, producer: dict, own_only: bool) -> list[str]:
+        """How the picks already here were made differently from ``producer`` (empty: no conflict)."""
+        if not any((self.out_dir / f).is_file() for f in self.owned if f.endswith(".star")):
+            return []
+        markers = [self.path.name] if own_only else list(self.produced_by)
+        return sorted({_difference(self.produced_by.get(m), producer) for m in markers
+                       if m in self.produced_by and not _same_producer(self.produced_by.get(m), producer)})
+
+    def set_producer(self, producer: dict | None) -> None:
+        self.my_producer = producer
+        self._write()
 
     def owns(self, relative: str) -> bool:
         return relative in self.owned
@@ -428,19 +448,50 @@ class OutputLedger:
             return
         self.mine |= new
         self.owned |= new
+        self._write()
+
+    def _write(self) -> None:
         write_json_atomic(self.path, {"written_by": "cryopick pick", "cryopick_version": __version__,
-                                      "files": sorted(self.mine)})
+                                      "produced_by": self.my_producer, "files": sorted(self.mine)})
 
 
-def _read_marker(path: Path) -> set[str]:
+def _read_marker(path: Path) -> tuple[set[str], dict | None]:
     try:
         data = json.loads(path.read_text())
         files = data["files"]
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise TypeError("files is not a list of names")
+        producer = data.get("produced_by")
+        if producer is not None and not isinstance(producer, dict):
+            raise TypeError("produced_by is not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CryopickError(f"{path}: damaged cryopick pick marker ({exc}); remove it to continue") from None
-    return set(files)
+    return set(files), producer
+
+
+def producer_record(model: str | Path, config: PickConfig) -> dict:
+    """What decides the picks: the checkpoint's content (SHA-256) and the pick settings that select them."""
+    digest = hashlib.sha256()
+    with open(model, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"checkpoint_sha256": digest.hexdigest(), "checkpoint": str(model),
+            "settings": {k: getattr(config, k) for k in PROVENANCE_KEYS}}
+
+
+def _same_producer(a: dict | None, b: dict) -> bool:
+    return a is not None and a.get("checkpoint_sha256") == b["checkpoint_sha256"] and a.get("settings") == b["settings"]
+
+
+def _difference(old: dict | None, new: dict) -> str:
+    if old is None:
+        return "picks of an unrecorded model or settings (an earlier or interrupted run)"
+    parts = []
+    if old.get("checkpoint_sha256") != new["checkpoint_sha256"]:
+        parts.append(f"another checkpoint ({old.get('checkpoint')})")
+    settings = old.get("settings") or {}
+    parts += [f"{k} {settings.get(k)} (now {v})" for k, v in new["settings"].items() if settings.get(k) != v]
+    return ", ".join(parts) or "other settings"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,19 +635,22 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
     still writing the list files for the micrographs done, so a rerun continues where it stopped.
     """
     started = time.perf_counter()
-    validate_pick_config(config)
+    validate(config)
     ckpt = load_checkpoint(model)
     record = preprocess_from_checkpoint(ckpt)
     network = model_from_checkpoint(ckpt)
     device = resolve_device(config.device)
     shard = parse_shard(config.shard)
+    out_root = check_output_dir(out_dir, "--out")
     entries = sorted(find_micrographs(micrographs, project_dir), key=lambda e: e.name)
     lists = ListFiles(config.suffix)
     plans, plan_failures = plan_outputs(entries, config.suffix, lists.all())
 
-    out_root = Path(out_dir)
     out_root.mkdir(parents=True, exist_ok=True)
     ledger = OutputLedger(out_root, shard)
+    producer = producer_record(model, config)
+    _refuse_mixing(ledger, producer, config.overwrite, out_root)
+    discard_dir(_staging_dir(out_root, shard))  # left by a killed --overwrite run
     my_names = {e.name for e in shard_items(entries, *shard)}
     my_plans = [p for p in plans if p.entry.name in my_names]
     todo = [p for p in my_plans if config.overwrite or not (out_root / p.star).exists()]
@@ -605,6 +659,8 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
     our_files = [p.star for p in plans] + ([p.box for p in plans] if config.write_box else []) + lists.all()
     ledger.refuse_foreign(our_files + previews)
     ledger.claim(our_files + previews)
+    if not config.overwrite and not _same_producer(ledger.my_producer, producer):
+        ledger.set_producer(producer)  # recorded before the first pick is written
 
     summary = PickSummary(threshold=config.threshold, shard=shard, device=str(device), expected=config.expected)
     summary.failed.update({n: r for n, r in plan_failures.items() if n in my_names})
@@ -613,11 +669,15 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
     if shard[1] > 1:
         info(f"shard {shard[0]}/{shard[1]}: {len(my_plans)} of {len(plans)} micrographs", quiet)
     if summary.skipped:
-        info(f"{len(summary.skipped)} micrographs already picked in {out_root} (kept; --overwrite redoes them)", quiet)
+        info(f"{len(summary.skipped)} micrographs already picked in {out_root} with the same model and settings "
+             "(kept; --overwrite redoes them)", quiet)
     state = _RunState(summary, preview_stars=preview_stars)
     if todo:
         scorer = DenseScorer(network, device, record.patch_size // 2, config.tile_size, config.amp)
-        _pick_all(todo, scorer, record, config, out_root, state, quiet, stop)
+        if config.overwrite:
+            _pick_aside(todo, scorer, record, config, out_root, state, ledger, producer, shard, quiet, stop)
+        else:
+            _pick_all(todo, scorer, record, config, out_root, state, quiet, stop)
     _finish_scores(state, config)
     summary.outputs += write_run_files(micrographs, out_root, Path(out_dir), plans, ledger, lists, record, config,
                                        state.processed_pixel_sizes)
@@ -630,25 +690,52 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
     return summary
 
 
+def _refuse_mixing(ledger: OutputLedger, producer: dict, overwrite: bool, out_root: Path) -> None:
+    """One --out holds the picks of one model and one set of settings, so its files never come from two."""
+    differences = ledger.conflicts(producer, own_only=overwrite)
+    if differences and not overwrite:
+        raise CryopickError(
+            f"{out_root} already holds picks made with {'; '.join(differences)}; a rerun must use the same "
+            "--model and settings to resume. Use --overwrite to replace those picks (the new ones are built "
+            "aside and replace the old only when the run succeeds), or choose another --out")
+
+
+def _staging_dir(out_root: Path, shard: tuple[int, int]) -> Path:
+    return out_root / f"{STAGING_PREFIX}-{shard[0]}-of-{shard[1]}"
+
+
+def _pick_aside(todo: list[PlannedMicrograph], scorer: DenseScorer, record: PreprocessRecord, config: PickConfig,
+                out_root: Path, state: _RunState, ledger: OutputLedger, producer: dict, shard: tuple[int, int],
+                quiet: bool, stop: Callable[[], bool] | None = None) -> None:
+    """--overwrite: pick into a hidden staging directory, then move the new files over the old ones.
+
+    A failed or interrupted run leaves the old picks untouched; old coordinate files of micrographs that
+    failed this time are removed, so no file of the previous model stays behind.
+    """
+    stage = _staging_dir(out_root, shard).resolve()
+    stage.mkdir()
+    try:
+        _pick_all(todo, scorer, record, config, stage, state, quiet, stop)
+        if not state.summary.counts or state.summary.stopped:
+            return  # every micrograph failed (pick() reports it) or the run was stopped: the old picks stay
+        ledger.set_producer(None)  # between old and new: a rerun without --overwrite must not resume
+        for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+            target = out_root / path.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+        for plan in todo:
+            if plan.entry.name not in state.summary.counts:
+                for stale in (plan.star, plan.box, preview_file_name(plan.star)):
+                    (out_root / stale).unlink(missing_ok=True)
+        ledger.set_producer(producer)
+        state.summary.outputs = [out_root / p.relative_to(stage) for p in state.summary.outputs]
+    finally:
+        discard_dir(stage)
+
+
 def validate_pick_config(config: PickConfig) -> None:
-    if not 0.0 <= config.threshold <= 1.0:
-        raise CryopickError(f"threshold {config.threshold} must be a probability between 0 and 1")
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", config.suffix or ""):
-        raise CryopickError(f"suffix '{config.suffix}' may hold only letters, digits, '.', '_' and '-'")
-    for name in ("radius", "radius_px"):
-        value = getattr(config, name)
-        if value is not None and value < 0:
-            raise CryopickError(f"{name} must be ≥ 0, got {value}")
-    if config.edge < 0:
-        raise CryopickError(f"edge must be ≥ 0 px, got {config.edge}")
-    if config.max_picks is not None and config.max_picks < 1:
-        raise CryopickError(f"max_picks must be ≥ 1, got {config.max_picks}")
-    if config.batch_size < 1 or config.tile_size < 1 or config.preview < 0 or config.workers < 0:
-        raise CryopickError("batch_size and tile_size must be ≥ 1, preview and workers ≥ 0")
-    if config.expected is not None and config.expected <= 0:
-        raise CryopickError(f"expected particles per micrograph must be > 0, got {config.expected}")
-    if config.pixel_size is not None and config.pixel_size <= 0:
-        raise CryopickError(f"pixel size must be > 0 Å/px, got {config.pixel_size}")
+    """Kept for callers; the checks live in cryopick.config.validate."""
+    validate(config)
 
 
 def _pick_all(todo: list[PlannedMicrograph], scorer: DenseScorer, record: PreprocessRecord, config: PickConfig,

@@ -43,6 +43,15 @@ class PreprocessRecord:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessRecord":
+        if not isinstance(data, dict):
+            raise CryopickError(f"preprocessing record must be a mapping, got {type(data).__name__}")
+        missing = [k for k in ("pixel_size", "bin_factor", "diameter_A") if k not in data]
+        if missing:
+            raise CryopickError(f"preprocessing record lacks {', '.join(missing)}; re-run extract")
+        if not all(isinstance(data[k], (int, float)) and math.isfinite(data[k]) and data[k] > 0 for k in
+                   ("pixel_size", "bin_factor", "diameter_A")):
+            raise CryopickError("preprocessing record holds a pixel size, bin factor or diameter that is not a "
+                                "positive number; re-run extract")
         if int(data.get("version", -1)) != PREPROCESS_VERSION:
             raise CryopickError(
                 f"preprocessing record version {data.get('version')} is not supported "

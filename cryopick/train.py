@@ -12,6 +12,7 @@ One step (defaults from the design document):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import signal
@@ -27,12 +28,20 @@ import torch.nn.functional as F
 from cryopick.augment import strong_augment, weak_augment
 from cryopick.checkpoint import load_checkpoint, save_checkpoint
 from cryopick.config import TrainConfig, dump_yaml, to_dict
+from cryopick.config import validate as validate_config
 from cryopick.data import PatchDataset, PUBatchSampler, SplitData, batch_composition, load_dataset
 from cryopick.device import resolve_device
 from cryopick.ema import EMATeacher
 from cryopick.errors import CryopickError
 from cryopick.evaluate import binary_metrics, pu_corrected_auc, roc_auc
-from cryopick.fsutil import write_text_atomic
+from cryopick.fsutil import (
+    check_output_dir,
+    discard_dir,
+    new_staging_dir,
+    recover_replaced_dir,
+    swap_in,
+    write_text_atomic,
+)
 from cryopick.losses import consistency_loss, entropy_loss, nnpu_loss, prior_from_expected_particles, ramp
 from cryopick.model import PatchClassifier
 from cryopick.progress import console, info, progress_bar, warn
@@ -337,15 +346,57 @@ def experiment_dir(config: TrainConfig) -> Path:
 
 
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> TrainResult:
-    """Train a picker; writes config.yaml, metrics.csv, checkpoints/{best,last}.pt under the experiment dir."""
+    """Train a picker; writes config.yaml, metrics.csv, checkpoints/{best,last}.pt under the experiment dir.
+
+    ``overwrite`` of an existing run trains in a hidden sibling directory that replaces the old run only
+    when training completes: a failed or interrupted run leaves the old one exactly as it was.
+    """
+    validate_config(config)
     exp_dir = experiment_dir(config)
-    ckpt_dir = exp_dir / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    check_output_dir(exp_dir, "--output-root/--exp-name")
+    main_rank = int(os.environ.get("RANK", "0") or 0) == 0
+    if main_rank:
+        recover_replaced_dir(exp_dir)
+    last_path = exp_dir / "checkpoints" / "last.pt"
+    if resume and overwrite:
+        raise CryopickError("give --resume (continue the run) or --overwrite (start over), not both")
     if last_path.exists() and not (resume or overwrite):
         raise CryopickError(f"{exp_dir} already holds a training run; use --resume to continue it or --overwrite")
     if resume and not last_path.exists():
         raise CryopickError(f"--resume: no checkpoint at {last_path}")
+    if not (overwrite and main_rank and exp_dir.is_dir() and any(exp_dir.iterdir())):
+        result = _check_complete(_train_in(config, exp_dir, resume, quiet))
+        if result.interrupted and main_rank:
+            warn(f"interrupted: state saved to {last_path}; continue with --resume")
+        return result
+    stage = new_staging_dir(exp_dir)
+    try:
+        result = _train_in(config, stage, False, quiet)
+        if not result.interrupted:
+            _check_complete(result)
+    except BaseException:
+        discard_dir(stage)
+        raise
+    if result.interrupted:
+        discard_dir(stage)
+        warn(f"the new run was discarded; {exp_dir} still holds the previous run, unchanged")
+        return dataclasses.replace(result, exp_dir=exp_dir)
+    swap_in(stage, exp_dir)
+    return dataclasses.replace(result, exp_dir=exp_dir)
 
+
+def _check_complete(result: TrainResult) -> TrainResult:
+    """Success means a best checkpoint exists; an interrupted run reports itself instead."""
+    best = result.exp_dir / "checkpoints" / "best.pt"
+    if not result.interrupted and int(os.environ.get("RANK", "0") or 0) == 0 and not best.is_file():
+        raise CryopickError(f"training wrote no checkpoint ({best} is missing)")
+    return result
+
+
+def _train_in(config: TrainConfig, exp_dir: Path, resume: bool, quiet: bool) -> TrainResult:
+    """The training loop, writing the experiment into ``exp_dir``."""
+    ckpt_dir = exp_dir / "checkpoints"
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     device = resolve_device(config.train.device)
     dist = Distributed(device)
     device = dist.device
@@ -459,7 +510,6 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, qu
             _rng_restore(gen, rng_snapshot)  # a hard stop inside a step: redo that step on resume
         if dist.main:
             save(last_path, state["history"][-1] if state["history"] else {})
-            warn(f"interrupted: state saved to {last_path}; continue with --resume")
     finally:
         stop_request.close()
         log.close()
@@ -536,10 +586,19 @@ def _restore(path: Path, model, teacher, optimizer, gen: torch.Generator, device
     ts = ckpt.get("training_state")
     if not ts:
         raise CryopickError(f"{path}: holds no training state to resume from")
-    model.load_state_dict(ckpt["model_state"])
-    if teacher and ts.get("teacher"):
-        teacher.load_state_dict(ts["teacher"])
-    optimizer.load_state_dict(ts["optimizer"])
+    saved = ckpt.get("model_spec", {})
+    if saved != model.spec:
+        raise CryopickError(f"--resume: {path} was trained with model {saved}, this run's config gives {model.spec}; "
+                            "resume with the same --backbone/model settings, or start over with --overwrite")
+    try:
+        model.load_state_dict(ckpt["model_state"])
+        if teacher and ts.get("teacher"):
+            teacher.load_state_dict(ts["teacher"])
+        optimizer.load_state_dict(ts["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CryopickError(f"--resume: {path} does not match this run's model or optimizer ({first}); "
+                            "resume with the same settings, or start over with --overwrite") from None
     gen.set_state(ts["generator"].cpu() if gen.device.type == "cpu" else ts["generator"])
     torch.set_rng_state(ts["torch_rng"].cpu())
     if ts.get("cuda_rng") and torch.cuda.is_available():

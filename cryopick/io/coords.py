@@ -108,6 +108,9 @@ def read_coordinate_file(path: str | Path, coord_scale: float = 1.0, *,
     if not (isinstance(coord_scale, (int, float)) and math.isfinite(coord_scale) and coord_scale > 0):
         raise CryopickError(f"coordinate scale must be a positive number, got {coord_scale!r}")
     tables = _read_tables(Path(path), micrograph_pixel_size, allow_list=True)
+    dropped = sum(int(t.coords.attrs.get("dropped_nonfinite", 0)) for t in tables)
+    if dropped:
+        warn(f"{path}: {dropped} coordinate row(s) without a finite x/y (NaN, inf or missing) ignored")
     if coord_scale != 1.0:
         for table in tables:
             table.coords["x"] *= coord_scale
@@ -404,5 +407,7 @@ def _coords_frame(x, y, score, drop_missing: bool = True) -> pd.DataFrame:
 def _finite_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows whose centre is a number (unfinished picks and ``<NA>`` corners are dropped), index 0..n-1."""
     keep = np.isfinite(frame["x"].to_numpy()) & np.isfinite(frame["y"].to_numpy())
-    return frame[keep].reset_index(drop=True)
+    out = frame[keep].reset_index(drop=True)
+    out.attrs["dropped_nonfinite"] = int(frame.attrs.get("dropped_nonfinite", 0)) + int((~keep).sum())
+    return out
 

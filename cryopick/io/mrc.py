@@ -74,6 +74,8 @@ def read_micrograph(path: str | Path) -> np.ndarray:
     if not np.isfinite(image).all():
         bad = int((~np.isfinite(image)).sum())
         raise InputFileError(path, f"contains {bad} NaN/inf pixels")
+    if image.size and image.min() == image.max():
+        raise InputFileError(path, f"is constant (every pixel is {float(image.flat[0]):g}): no image to pick from")
     return image
 
 
