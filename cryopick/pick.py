@@ -839,7 +839,7 @@ def print_summary(summary: PickSummary) -> None:
         for line in histogram_lines(summary.histogram, summary.threshold):
             console.print(line, highlight=False)
     for line in pick_count_lines(pick_counts(summary.counts)):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)  # micrograph names may hold [brackets]
     for name, reason in list(summary.failed.items())[:10]:
         console.print(f"[red]failed[/red] {name}: {reason}", highlight=False)
     if len(summary.failed) > 10:

@@ -63,21 +63,24 @@ def dataset_micrographs(data_dir: str | Path) -> str | None:
 
 
 def train_summary(monitor: str, best_value: float, best_epoch: int, epochs_run: int, exp_dir: Path,
-                  suggested_threshold: float | None) -> str:
+                  recall: float | None = None, recall90_score: float | None = None) -> str:
+    """The best epoch, where the checkpoints are, and how the held-out particles scored at that epoch."""
     if best_epoch < 0:
         return f"no epoch finished; checkpoints in {exp_dir / 'checkpoints'}"
     line = (f"best {monitor} {best_value:.4f} at epoch {best_epoch + 1} of {epochs_run}; "
             f"checkpoints in {exp_dir / 'checkpoints'}")
-    if suggested_threshold is not None:
-        line += f"; held-out patches suggest --threshold {suggested_threshold:.2f}"
+    if recall is not None and recall90_score is not None:
+        line += (f"; there {100 * recall:.0f}% of held-out particles scored ≥ 0.5 and 90% scored ≥ "
+                 f"{recall90_score:.2f}")
     return line
 
 
-def next_steps_train(checkpoint: str | Path, micrographs: str | None, suggested_threshold: float | None) -> list[str]:
-    """The pick command with this checkpoint (and the held-out threshold when there is one)."""
+def next_steps_train(checkpoint: str | Path, micrographs: str | None) -> list[str]:
+    """The pick command with this checkpoint, and how to choose its threshold."""
     mics = _q(micrographs) if micrographs else "MICROGRAPHS"
-    threshold = f" --threshold {suggested_threshold:.2f}" if suggested_threshold is not None else ""
-    return [f"next: cryopick pick {mics} --model {_q(checkpoint)} --out picks/{threshold} --preview 3"]
+    return [f"next: cryopick pick {mics} --model {_q(checkpoint)} --out picks/ --preview 3",
+            "      its histogram (and --expected N, particles per micrograph) shows what another --threshold "
+            "would give"]
 
 
 # ---------------------------------------------------------------------------------------------

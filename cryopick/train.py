@@ -46,7 +46,8 @@ METRIC_COLUMNS = [
     "entropy_loss", "lambda_cons", "lambda_ent", "mask_rate", "pseudo_positive_rate", "samples_per_s",
     "val_auc_pu", "val_auc_pn", "val_precision", "val_recall", "val_f1",
     "val_true_auc", "val_true_precision", "val_true_recall", "val_true_f1", "prior",
-    "val_n_positive", "val_n_unlabeled", "val_est_precision", "val_suggested_threshold", "val_suggested_f1",
+    "val_n_positive", "val_n_unlabeled", "val_est_precision", "val_recall90_score", "val_patch_f1_threshold",
+    "val_patch_f1",
 ]
 
 
@@ -540,11 +541,10 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, qu
 def summary_lines(result: TrainResult, config: TrainConfig) -> list[str]:
     """The end-of-training summary and the pick command to run next with this run's best checkpoint."""
     best_row = next((r for r in result.history if r.get("epoch") == result.best_epoch), {})
-    threshold = best_row.get("val_suggested_threshold")
     lines = [train_summary(config.train.monitor, result.best_metric, result.best_epoch, result.epochs_run,
-                           result.exp_dir, threshold)]
+                           result.exp_dir, best_row.get("val_recall"), best_row.get("val_recall90_score"))]
     return lines + next_steps_train(result.exp_dir / "checkpoints" / "best.pt",
-                                    dataset_micrographs(config.data.data_dir), threshold)
+                                    dataset_micrographs(config.data.data_dir))
 
 
 class StopRequest:

@@ -3,7 +3,11 @@
 - the validation budget: held-out patches scored per epoch, capped relative to the epoch's training work so
   validation never dominates a CPU run (deterministic, stratified, every positive kept where possible);
 - the cost line printed before training (steps, samples, validation patches, measured speed, time);
-- a threshold suggested from the held-out patches, and the plain line printed after each epoch.
+- held-out score statistics (recall, estimated precision, the score 90% of held-out particles reach) and the
+  plain line printed after each epoch.
+
+Held-out patches are scored at the labelled centre, while pick keeps the local maxima of a dense score map, which
+score higher (for particles and background alike): patch-level thresholds are diagnostics, not pick settings.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from cryopick.data import SplitData
 
 VAL_MIN_PATCHES = 512  # below this, held-out AUC/recall are too noisy to pick the best epoch by
-MIN_POSITIVES_FOR_THRESHOLD = 10  # fewer held-out positives: no threshold is suggested
+MIN_POSITIVES_FOR_THRESHOLD = 10  # fewer held-out positives: no score quantile or best-F1 threshold
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +74,8 @@ def validation_subset(split: SplitData, budget: int) -> SplitData:
 
 def threshold_report(p_pos: np.ndarray, p_unl: np.ndarray, prior: float, true_unl: np.ndarray | None = None,
                      threshold: float = 0.5) -> dict:
-    """Estimated precision at ``threshold`` and the threshold of best estimated F1 on held-out patches.
+    """Estimated precision at ``threshold``, the score 90% of held-out particles reach, and the patch-level
+    threshold of best estimated F1 (a diagnostic: pick's peak scores run higher than patch scores).
 
     Without truth, labelled positives give recall(t) directly and the unlabeled patches, a fraction π of them
     positive, give precision(t) = π·recall(t) / P_U(score ≥ t) (clipped to 1): the precision among random patch
@@ -94,12 +99,13 @@ def threshold_report(p_pos: np.ndarray, p_unl: np.ndarray, prior: float, true_un
     at = int(np.argmin(np.abs(grid - threshold)))
     out["val_est_precision"] = float(precision[at])
     if len(p_pos) >= MIN_POSITIVES_FOR_THRESHOLD:
+        out["val_recall90_score"] = float(np.quantile(p_pos, 0.1, method="lower"))
         with np.errstate(invalid="ignore", divide="ignore"):
             f1 = np.where(np.isfinite(precision), 2 * precision * recall / (precision + recall), np.nan)
         if np.isfinite(f1).any() and np.nanmax(f1) > 0:
             best = int(np.nanargmax(f1))
-            out["val_suggested_threshold"] = float(grid[best])
-            out["val_suggested_f1"] = float(f1[best])
+            out["val_patch_f1_threshold"] = float(grid[best])
+            out["val_patch_f1"] = float(f1[best])
     return out
 
 
@@ -172,20 +178,17 @@ def _fmt(value) -> str:
 
 
 def epoch_line(row: dict, epochs: int, monitor: str, best_value: float, best_epoch: int) -> str:
-    """One plain line: held-out recall/precision at 0.5, a suggested threshold, the best epoch so far."""
+    """One plain line: held-out recall and precision at 0.5, the score 90% of held-out particles reach, the best
+    epoch so far."""
     head = f"epoch {row['epoch'] + 1}/{epochs}:"
-    n_pos = row.get("val_n_positive")
-    if "val_true_recall" in row:
-        held = (f"held-out (true labels) recall {_fmt(row['val_true_recall'])}, "
-                f"precision {_fmt(row.get('val_true_precision'))} at p ≥ 0.5")
-    elif "val_recall" in row:
-        held = (f"held-out recall {_fmt(row['val_recall'])} of {n_pos} labelled particles, "
-                f"est. precision {_fmt(row.get('val_est_precision'))} at p ≥ 0.5")
-    else:
+    if "val_recall" not in row:
         return f"{head} no held-out labelled micrograph, so no held-out metrics (best = lowest training loss)"
-    parts = [head, held]
-    if "val_suggested_threshold" in row:
-        parts.append(f"suggested --threshold {row['val_suggested_threshold']:.2f}")
+    precision = (f"precision {_fmt(row['val_true_precision'])} (true labels)" if "val_true_precision" in row
+                 else f"est. precision {_fmt(row.get('val_est_precision'))}")
+    parts = [head, f"held-out recall {_fmt(row['val_recall'])} of {row.get('val_n_positive')} labelled particles, "
+                   f"{precision} at p ≥ 0.5"]
+    if "val_recall90_score" in row:
+        parts.append(f"90% of them score ≥ {row['val_recall90_score']:.2f}")
     if math.isfinite(best_value):
         mark = " (this one)" if best_epoch == row["epoch"] else ""
         parts.append(f"best so far: epoch {best_epoch + 1}{mark}, {monitor} {best_value:.3f}")

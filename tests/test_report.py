@@ -114,12 +114,14 @@ def test_cli_extract_prints_next_step_and_quiet_suppresses_it(tiny_project):
 
 
 def test_train_summary_and_next_step():
-    line = train_summary("auc_pn", 0.91234, 2, 10, Path("experiments/run1"), 0.4213)
+    line = train_summary("auc_pn", 0.91234, 2, 10, Path("experiments/run1"), 0.625, 0.3125)
     assert line == ("best auc_pn 0.9123 at epoch 3 of 10; checkpoints in experiments/run1/checkpoints; "
-                    "held-out patches suggest --threshold 0.42")
-    (cmd,) = next_steps_train(Path("experiments/run1/checkpoints/best.pt"), "CtfFind/job003/micrographs_ctf.star",
-                              0.4213)
+                    "there 62% of held-out particles scored ≥ 0.5 and 90% scored ≥ 0.31")
+    assert train_summary("auc_pn", 0.9, 0, 1, Path("e"), None, None) == "best auc_pn 0.9000 at epoch 1 of 1; " \
+        "checkpoints in e/checkpoints"
+    cmd, hint = next_steps_train(Path("experiments/run1/checkpoints/best.pt"), "CtfFind/job003/micrographs_ctf.star")
     assert cmd == ("next: cryopick pick CtfFind/job003/micrographs_ctf.star --model "
-                   "experiments/run1/checkpoints/best.pt --out picks/ --threshold 0.42 --preview 3")
-    (cmd,) = next_steps_train(Path("e/best.pt"), None, None)
+                   "experiments/run1/checkpoints/best.pt --out picks/ --preview 3")
+    assert "--expected N" in hint and "--threshold" in hint
+    cmd, _ = next_steps_train(Path("e/best.pt"), None)
     assert cmd == "next: cryopick pick MICROGRAPHS --model e/best.pt --out picks/ --preview 3"

@@ -62,9 +62,10 @@ def test_threshold_report_pu_estimate_on_known_scores():
     # precision = π·recall / P_U(score ≥ t) = 0.2 · 0.8 / 0.2
     assert out["val_est_precision"] == pytest.approx(0.8)
     # best F1: t in (0.3, 0.9] gives recall 0.8, precision 0.8; t ≤ 0.3 gives recall 1, precision 0.2/0.2=1 → F1 1
-    assert 0.1 < out["val_suggested_threshold"] <= 0.3 and out["val_suggested_f1"] == pytest.approx(1.0)
+    assert 0.1 < out["val_patch_f1_threshold"] <= 0.3 and out["val_patch_f1"] == pytest.approx(1.0)
+    assert out["val_recall90_score"] == 0.3  # the 10th percentile of the held-out positives' scores
     few = threshold_report(p_pos[:5], p_unl, prior=0.2)
-    assert "val_suggested_threshold" not in few and "val_est_precision" in few
+    assert "val_patch_f1_threshold" not in few and "val_recall90_score" not in few and "val_est_precision" in few
     assert threshold_report(np.zeros(0), p_unl, 0.2) == {"val_n_positive": 0, "val_n_unlabeled": 100}
 
 
@@ -74,7 +75,7 @@ def test_threshold_report_with_truth_uses_true_labels():
     true_unl = np.array([1] * 5 + [0] * 95)
     out = threshold_report(p_pos, p_unl, prior=0.5, true_unl=true_unl)
     assert out["val_est_precision"] == pytest.approx(15 / 20)  # at 0.5: 15 true of 20 picked
-    assert 0.6 < out["val_suggested_threshold"] <= 0.8 and out["val_suggested_f1"] == pytest.approx(1.0)
+    assert 0.6 < out["val_patch_f1_threshold"] <= 0.8 and out["val_patch_f1"] == pytest.approx(1.0)
 
 
 def test_cost_estimate_arithmetic_and_line():
@@ -94,12 +95,13 @@ def test_cost_estimate_arithmetic_and_line():
 
 def test_epoch_line_and_first_epoch_warning():
     row = {"epoch": 2, "val_recall": 0.625, "val_est_precision": 0.7, "val_n_positive": 41,
-           "val_suggested_threshold": 0.42}
+           "val_recall90_score": 0.31}
     assert epoch_line(row, 10, "auc_pn", 0.912, 2) == (
         "epoch 3/10:  held-out recall 0.62 of 41 labelled particles, est. precision 0.70 at p ≥ 0.5; "
-        "suggested --threshold 0.42; best so far: epoch 3 (this one), auc_pn 0.912")
-    truth = {"epoch": 0, "val_recall": 0.1, "val_true_recall": 0.5, "val_true_precision": 0.9}
-    assert "held-out (true labels) recall 0.50, precision 0.90" in epoch_line(truth, 5, "auc_pn", -math.inf, -1)
+        "90% of them score ≥ 0.31; best so far: epoch 3 (this one), auc_pn 0.912")
+    truth = {"epoch": 0, "val_recall": 0.1, "val_n_positive": 16, "val_true_recall": 0.5, "val_true_precision": 0.9}
+    assert epoch_line(truth, 5, "auc_pn", -math.inf, -1) == (
+        "epoch 1/5:  held-out recall 0.10 of 16 labelled particles, precision 0.90 (true labels) at p ≥ 0.5")
     assert "no held-out metrics" in epoch_line({"epoch": 0}, 5, "auc_pn", 1.0, 0)
     assert "first epoch of 6" in first_epoch_best_warning(0, 6, "auc_pn")
     assert first_epoch_best_warning(3, 6, "auc_pn") is None and first_epoch_best_warning(0, 2, "auc_pn") is None
