@@ -533,7 +533,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, qu
     if dist.main and not best_path.exists() and last_path.exists() and not interrupted:
         save(best_path, state["history"][-1] if state["history"] else {})
     warning = first_epoch_best_warning(state["best_epoch"], state["epoch"], config.train.monitor)
-    if dist.main and warning and not interrupted:
+    validated = any("val_recall" in row for row in state["history"])  # else "best" is the lowest training loss
+    if dist.main and warning and validated and not interrupted:
         warn(warning)
     return TrainResult(exp_dir, state["best"], state["best_epoch"], state["epoch"], state["history"], interrupted)
 
