@@ -11,7 +11,7 @@ from cryopick.config import ExtractConfig, TrainConfig, resolve
 from cryopick.data import SplitData
 from cryopick.extract import extract
 from cryopick.simulate import SimulationParams, simulate
-from cryopick.train import train
+from cryopick.train import summary_lines, train
 from cryopick.trainplan import (VAL_MIN_PATCHES, CostEstimate, epoch_line, first_epoch_best_warning, format_duration,
                                 forwards_per_step, spread_indices, threshold_report, validation_budget,
                                 validation_subset)
@@ -128,7 +128,8 @@ def _config(dataset_dir, out):
 
 def test_cost_line_is_printed_and_measuring_leaves_the_run_unchanged(dataset_dir, tmp_path, capsys):
     quiet = train(_config(dataset_dir, tmp_path / "q"), quiet=True).history
-    loud = train(_config(dataset_dir, tmp_path / "l"), quiet=False).history
+    result = train(_config(dataset_dir, tmp_path / "l"), quiet=False)
+    loud = result.history
     err = _plain(capsys.readouterr().err)
     # the timing steps run on a copy with its own random streams: the run itself is bit-identical
     assert [r["loss"] for r in quiet] == [r["loss"] for r in loud]
@@ -140,3 +141,8 @@ def test_cost_line_is_printed_and_measuring_leaves_the_run_unchanged(dataset_dir
     rate, per_epoch, total = (int(v) for v in m.groups())
     assert rate > 0 and per_epoch >= 96 / rate * 0.5 and abs(total - 2 * per_epoch) <= 2
     assert "epoch 1/2: held-out recall" in err and "epoch 2/2: held-out recall" in err
+    summary, command, _ = summary_lines(result, _config(dataset_dir, tmp_path / "l"))
+    assert summary.startswith(f"best auc_pn {result.best_metric:.4f} at epoch {result.best_epoch + 1} of 2; ")
+    mics = dataset_dir.parent / "sim" / "micrographs.star"  # recorded by extract in the manifest
+    assert command == (f"next: cryopick pick {mics} --model {tmp_path / 'l' / 'run' / 'checkpoints' / 'best.pt'} "
+                       "--out picks/ --preview 3")
