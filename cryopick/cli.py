@@ -190,7 +190,7 @@ def extract(
 ) -> None:
     """Cut 128×128 positive patches at labelled centres and unlabeled patches at random centres."""
     from cryopick.extract import extract as run
-    from cryopick.extract import print_summary
+    from cryopick.extract import next_steps, print_summary
 
     overrides = {"diameter": diameter, "bin": bin_factor, "target_pixel_size": target_pixel_size,
                  "pixel_size": pixel_size, "unlabeled_per_micrograph": unlabeled, "val_fraction": val_fraction,
@@ -200,6 +200,7 @@ def extract(
     summary = run(micrographs, coords, out, cfg, truth=truth, project_dir=project_dir, quiet=quiet)
     if not quiet:
         print_summary(summary)
+        typer.echo("\n".join(next_steps(summary)))
 
 
 def default_config_text() -> str:
@@ -273,8 +274,9 @@ def train(
     if result.interrupted:
         raise typer.Exit(130)
     if not quiet:
-        typer.echo(f"best {cfg.train.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}; "
-                   f"checkpoints in {result.exp_dir / 'checkpoints'}")
+        from cryopick.train import summary_lines
+
+        typer.echo("\n".join(summary_lines(result, cfg)))
 
 
 @app.command(epilog="Example: cryopick pick CtfFind/job003/micrographs_ctf.star --model "
@@ -334,6 +336,7 @@ def pick(
     Re-running the same command resumes (micrographs already picked are kept); another model or other
     settings into the same OUT need --overwrite.
     """
+    from cryopick.pick import next_steps
     from cryopick.pick import pick as run
 
     overrides = {"threshold": threshold, "radius": radius, "radius_px": radius_px, "suffix": suffix, "edge": edge,
@@ -343,7 +346,9 @@ def pick(
                  "write_cryosparc": cryosparc or None,
                  "workers": workers, "amp": amp, "overwrite": overwrite or None}
     cfg = resolve(PickConfig, config, overrides)
-    run(micrographs, model, out, cfg, quiet=quiet, project_dir=project_dir)  # raises when every micrograph failed
+    summary = run(micrographs, model, out, cfg, quiet=quiet, project_dir=project_dir)  # raises if every one failed
+    if not quiet:
+        typer.echo("\n".join(next_steps(summary)))
 
 
 @app.command(epilog="Example: cryopick evaluate picks/ --truth reference_picks/ --model "

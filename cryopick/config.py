@@ -108,7 +108,8 @@ class TrainLoopConfig:
     output_root: str = "experiments"
     exp_name: str = "cryopick"
     log_every: int = 50
-    val_max_patches: int = 20000
+    val_max_patches: int = 20000  # held-out patches scored per epoch, at most
+    val_budget: float = 0.25  # and at most this fraction of an epoch's training forward passes (min 512; 0 = off)
 
 
 @dataclass

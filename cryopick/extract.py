@@ -36,6 +36,7 @@ from cryopick.io.micrographs import MicrographEntry, find_micrographs
 from cryopick.io.mrc import read_header, read_micrograph
 from cryopick.preprocessing import PreprocessRecord, binned_shape, choose_bin_factor, preprocess
 from cryopick.progress import console, info, progress_bar, warn
+from cryopick.report import holdout_warning, next_steps_extract
 
 MANIFEST = "manifest.json"
 CONFIG_NAME = "extract_config.yaml"
@@ -81,6 +82,8 @@ class ExtractSummary:
     n_used: int = 0
     n_positive: dict = field(default_factory=lambda: {"train": 0, "val": 0})
     n_unlabeled: dict = field(default_factory=lambda: {"train": 0, "val": 0})
+    n_labelled_micrographs: dict = field(default_factory=lambda: {"train": 0, "val": 0})
+    inputs: dict = field(default_factory=dict)  # the micrographs and coordinates arguments, as given
     n_padded: int = 0
     n_outside: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -392,7 +395,7 @@ def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, co
     validate(config)
     out_dir = Path(out_dir)
     _check_output_dir(out_dir, config.overwrite)
-    summary = ExtractSummary(out_dir=out_dir)
+    summary = ExtractSummary(out_dir=out_dir, inputs={"micrographs": str(micrographs), "coords": str(coords)})
     entries = find_micrographs(micrographs, project_dir=project_dir)
     summary.n_micrographs = len(entries)
     entries, shapes, pixel_size = _pixel_sizes(entries, config, summary, config.strict)
@@ -456,6 +459,7 @@ def _extract_into(out_dir: Path, entries: list[MicrographEntry], shapes: list, l
                       result.unlabeled_truth_distance)
                 summary.n_positive[split] += len(result.positive)
                 summary.n_unlabeled[split] += len(result.unlabeled)
+                summary.n_labelled_micrographs[split] += int(len(result.positive) > 0)
                 summary.n_padded += result.n_padded
                 summary.n_outside += result.n_outside
                 summary.n_used += 1
@@ -508,6 +512,7 @@ def _write_manifest(out_dir: Path, config: ExtractConfig, record: PreprocessReco
         "n_padded": summary.n_padded,
         "n_outside": summary.n_outside,
         "skipped": [{"path": p, "reason": r} for p, r in summary.skipped],
+        "inputs": summary.inputs,
         "unmatched_coordinates": summary.unmatched,
     })
 
@@ -528,3 +533,11 @@ def print_summary(summary: ExtractSummary) -> None:
         console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
     for item in summary.unmatched:
         console.print(f"[yellow]unmatched coordinates[/yellow] {item}", highlight=False)
+    holdout = holdout_warning(summary.n_positive, summary.n_labelled_micrographs)
+    if holdout:
+        console.print(f"[yellow]note:[/yellow] {holdout}", highlight=False)
+
+
+def next_steps(summary: ExtractSummary) -> list[str]:
+    """What to run after extract: the train command for this dataset."""
+    return next_steps_extract(summary.out_dir, torch.cuda.is_available())

@@ -59,6 +59,7 @@ from cryopick.nms import greedy_nms, local_maxima, refine_peaks
 from cryopick.preprocessing import PreprocessRecord, micrograph_factor, preprocess
 from cryopick.preview import preview_image, write_png
 from cryopick.progress import console, info, progress_bar, warn
+from cryopick.report import next_steps_pick, pick_count_lines, pick_counts
 
 MARKER_NAME = ".cryopick_pick.json"
 MARKER_GLOB = ".cryopick_pick*.json"
@@ -607,6 +608,8 @@ class PickSummary:
     device: str = "cpu"
     seconds: float = 0.0
     stopped: bool = False  # the caller's stop() asked to stop between micrographs (e.g. a RELION abort)
+    out_dir: Path | None = None  # as the user gave it
+    suffix: str = "cryopick"
 
     @property
     def total_picks(self) -> int:
@@ -662,7 +665,8 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
     if not config.overwrite and not _same_producer(ledger.my_producer, producer):
         ledger.set_producer(producer)  # recorded before the first pick is written
 
-    summary = PickSummary(threshold=config.threshold, shard=shard, device=str(device), expected=config.expected)
+    summary = PickSummary(threshold=config.threshold, shard=shard, device=str(device), expected=config.expected,
+                          out_dir=Path(out_dir), suffix=config.suffix)
     summary.failed.update({n: r for n, r in plan_failures.items() if n in my_names})
     todo_names = {p.entry.name for p in todo}
     summary.skipped = [p.entry.name for p in my_plans if p.entry.name not in todo_names]
@@ -944,7 +948,15 @@ def print_summary(summary: PickSummary) -> None:
         console.print("candidate peaks by probability:")
         for line in histogram_lines(summary.histogram, summary.threshold):
             console.print(line, highlight=False)
+    for line in pick_count_lines(pick_counts(summary.counts)):
+        console.print(line, highlight=False, markup=False)  # micrograph names may hold [brackets]
     for name, reason in list(summary.failed.items())[:10]:
         console.print(f"[red]failed[/red] {name}: {reason}", highlight=False)
     if len(summary.failed) > 10:
         console.print(f"… and {len(summary.failed) - 10} more failures", highlight=False)
+
+
+def next_steps(summary: PickSummary) -> list[str]:
+    """Which of the written files RELION's Particle extraction takes (3.1 and 4/5)."""
+    lists = ListFiles(summary.suffix)
+    return next_steps_pick(summary.out_dir or Path("."), lists.coords_suffix, lists.coordinate_list, summary.suffix)

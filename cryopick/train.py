@@ -11,6 +11,7 @@ One step (defaults from the design document):
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import math
@@ -45,12 +46,17 @@ from cryopick.fsutil import (
 from cryopick.losses import consistency_loss, entropy_loss, nnpu_loss, prior_from_expected_particles, ramp
 from cryopick.model import PatchClassifier
 from cryopick.progress import console, info, progress_bar, warn
+from cryopick.report import dataset_micrographs, next_steps_train, train_summary
+from cryopick.trainplan import (CostEstimate, epoch_line, first_epoch_best_warning, forwards_per_step,
+                                threshold_report, validation_budget, validation_subset)
 
 METRIC_COLUMNS = [
     "epoch", "step", "lr", "loss", "pu_loss", "loss_pos", "loss_neg", "defit_rate", "consistency_loss",
     "entropy_loss", "lambda_cons", "lambda_ent", "mask_rate", "pseudo_positive_rate", "samples_per_s",
     "val_auc_pu", "val_auc_pn", "val_precision", "val_recall", "val_f1",
     "val_true_auc", "val_true_precision", "val_true_recall", "val_true_f1", "prior",
+    "val_n_positive", "val_n_unlabeled", "val_est_precision", "val_recall90_score", "val_patch_f1_threshold",
+    "val_patch_f1",
 ]
 
 
@@ -279,12 +285,61 @@ def validate(model, split: SplitData, prior: float, radius_original_px: float, d
     out = {"val_auc_pu": m["auc"], "val_auc_pn": pu_corrected_auc(m["auc"], prior),
            "val_precision": m["precision"], "val_recall": m["recall"], "val_f1": m["f1"]}
     td = split.unlabeled_truth_distance[:n_u].cpu().numpy()
+    true_u = None
     if len(td) and np.isfinite(td).any():
         true_u = (td <= radius_original_px).astype(float)
         t = binary_metrics(scores, np.concatenate([np.ones(len(p_pos)), true_u]), threshold)
         out.update({"val_true_auc": t["auc"], "val_true_precision": t["precision"],
                     "val_true_recall": t["recall"], "val_true_f1": t["f1"]})
+    out.update(threshold_report(p_pos, p_unl, prior, true_u, threshold))
     return out
+
+
+def measure_speed(model: torch.nn.Module, config: TrainConfig, data: SplitData, val: SplitData, n_p: int, n_u: int,
+                  shift_px: float, prior: float, autocast, channels_last: bool, device: torch.device,
+                  steps: int = 2) -> tuple[float, float]:
+    """(training samples/s, held-out patches/s), timed on real steps of a throwaway copy of the model after one
+    warm-up step; the run's model, optimiser and random streams are left exactly as they were."""
+    probe = copy.deepcopy(model)
+    teacher = EMATeacher(probe, config.model.ema_decay) if config.model.use_ema else None
+    optimizer = make_optimizer(probe, config)
+    gen = torch.Generator(device=device).manual_seed(0)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+        probe.train()
+        elapsed = 0.0
+        for i in range(steps + 1):
+            sync()
+            t0 = time.perf_counter()
+            ip, iu = torch.randint(len(data.positive), (n_p,)), torch.randint(len(data.unlabeled), (n_u,))
+            xp = to_input(data.positive[ip.to(data.positive.device)].to(device), channels_last)
+            xu = to_input(data.unlabeled[iu.to(data.unlabeled.device)].to(device), channels_last)
+            views = make_views(xp, xu, config, shift_px, gen)
+            loss, _ = step_loss(probe, teacher.module if teacher else probe, views, config, prior,
+                                config.train.epochs / 2, autocast)
+            optimisation_step(loss, optimizer, teacher, probe)
+            sync()
+            elapsed += (time.perf_counter() - t0) if i else 0.0  # step 0 warms up allocators and kernels
+        patches = val.unlabeled[:128] if len(val.unlabeled) else data.unlabeled[:128]
+        sync()
+        t0 = time.perf_counter()
+        predict(probe, patches, device, autocast, channels_last=channels_last)
+        sync()
+        val_elapsed = time.perf_counter() - t0
+    return steps * (n_p + n_u) / max(elapsed, 1e-9), len(patches) / max(val_elapsed, 1e-9)
+
+
+def announce_cost(model, config: TrainConfig, data: SplitData, val: SplitData, val_available: int, sampler,
+                  epochs_left: int, measure_args: dict) -> CostEstimate:
+    """Measure the speed and print the plan and cost lines before training starts."""
+    rate, val_rate = measure_speed(model, config, data, val, sampler.n_p, sampler.n_u, **measure_args)
+    est = CostEstimate(config.model.backbone, str(measure_args["device"]), sampler.steps_per_epoch, epochs_left,
+                       sampler.n_p + sampler.n_u, len(val.positive) + len(val.unlabeled), val_available,
+                       rate, val_rate)
+    info(est.plan_line())
+    info(f"[bold]{est.cost_line()}[/bold]")
+    return est
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +382,7 @@ class MetricsLog:
             keys = ["loss", "loss_pos", "loss_neg", "consistency_loss", "mask_rate", "pseudo_positive_rate",
                     "val_auc_pu", "val_auc_pn", "val_f1", "val_true_auc", "val_true_f1", "samples_per_s"]
             text = "  ".join(f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), float))
-            console.print(f"[bold]epoch {row['epoch']}[/bold]  {text}", highlight=False)
+            console.print(f"  metrics: {text}", highlight=False)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -426,6 +481,10 @@ def _train_in(config: TrainConfig, exp_dir: Path, resume: bool, quiet: bool) -> 
     sampler = PUBatchSampler(len(train_data.positive), len(train_data.unlabeled), n_p, n_u, config.train.seed,
                              config.train.steps_per_epoch, dist.rank, dist.world)
     total_steps = sampler.steps_per_epoch * config.train.epochs
+    per_step = forwards_per_step(n_p, n_u, config.loss.consistency, config.loss.lambda_cons)
+    val_budget = validation_budget(sampler.steps_per_epoch, per_step, config.train.val_budget,
+                                   config.train.val_max_patches)
+    val_data = validation_subset(dataset.val, val_budget)
     warmup = int(config.optim.warmup_epochs * sampler.steps_per_epoch)
     gen = torch.Generator(device=device).manual_seed(config.train.seed * 7919 + dist.rank)
 
@@ -441,6 +500,11 @@ def _train_in(config: TrainConfig, exp_dir: Path, resume: bool, quiet: bool) -> 
     forward = torch.compile(ddp_model) if config.train.compile else ddp_model
     teacher_model = teacher.module if teacher else model
     log = MetricsLog(exp_dir, state["history"], quiet, dist.main)
+    if dist.main and not quiet and state["epoch"] < config.train.epochs:
+        announce_cost(model, config, train_data, val_data, len(dataset.val.positive) + len(dataset.val.unlabeled),
+                      sampler, config.train.epochs - state["epoch"],
+                      dict(shift_px=shift_px, prior=prior, autocast=autocast, channels_last=channels_last,
+                           device=device))
 
     def save(path: Path, metrics: dict) -> None:
         save_checkpoint(path, model_spec=model.spec, model_state=model.state_dict(),
@@ -494,10 +558,12 @@ def _train_in(config: TrainConfig, exp_dir: Path, resume: bool, quiet: bool) -> 
                 stop = False
                 if dist.main:
                     eval_model = teacher.module if teacher else model
-                    row.update(validate(eval_model, dataset.val, prior, radius_original, device, autocast,
-                                        config.train.val_max_patches, channels_last))
-                    log.log(row)
+                    row.update(validate(eval_model, val_data, prior, radius_original, device, autocast,
+                                        val_budget, channels_last))
                     stop = _track_best(state, row, config, save, best_path)
+                    info(epoch_line(row, config.train.epochs, config.train.monitor, state["best"],
+                                    state["best_epoch"]), quiet)
+                    log.log(row)
                     save(last_path, row)
                 stop = dist.broadcast_flag(stop)
                 if stop:
@@ -516,7 +582,20 @@ def _train_in(config: TrainConfig, exp_dir: Path, resume: bool, quiet: bool) -> 
         dist.close()
     if dist.main and not best_path.exists() and last_path.exists() and not interrupted:
         save(best_path, state["history"][-1] if state["history"] else {})
+    warning = first_epoch_best_warning(state["best_epoch"], state["epoch"], config.train.monitor)
+    validated = any("val_recall" in row for row in state["history"])  # else "best" is the lowest training loss
+    if dist.main and warning and validated and not interrupted:
+        warn(warning)
     return TrainResult(exp_dir, state["best"], state["best_epoch"], state["epoch"], state["history"], interrupted)
+
+
+def summary_lines(result: TrainResult, config: TrainConfig) -> list[str]:
+    """The end-of-training summary and the pick command to run next with this run's best checkpoint."""
+    best_row = next((r for r in result.history if r.get("epoch") == result.best_epoch), {})
+    lines = [train_summary(config.train.monitor, result.best_metric, result.best_epoch, result.epochs_run,
+                           result.exp_dir, best_row.get("val_recall"), best_row.get("val_recall90_score"))]
+    return lines + next_steps_train(result.exp_dir / "checkpoints" / "best.pt",
+                                    dataset_micrographs(config.data.data_dir))
 
 
 class StopRequest:
