@@ -391,6 +391,7 @@ RULES: dict[type, dict[str, Rule]] = {
         "exp_name": _r("--exp-name", pattern=r"(?!\.\.?$)[^/\\]+", describe="a plain directory name"),
         "log_every": _r(None, 1, 1e9, integer=True),
         "val_max_patches": _r(None, 1, 1e9, integer=True),
+        "val_budget": _r(None, 0, 100),
     },
     PickConfig: {
         "threshold": _r("--threshold", 0, 1),
