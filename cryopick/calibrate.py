@@ -19,7 +19,7 @@ The labels should not have trained the model (held-out micrographs), or f_P is o
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy.special import logit as _logit
@@ -46,6 +46,8 @@ class Calibration:
     held_out: bool  # True when the labels did not train the model
     count_given: bool = False  # True when N came from the user's count, not the estimate
     quantiles: tuple[float, ...] = ()  # logit quantiles of the calibration peaks (strictly increasing)
+    best_f1_threshold: float | None = None  # calibrated score maximising the estimated F1 on these peaks
+    best_f1_estimate: float | None = None  # that estimated F1 (against N particles)
 
     def apply(self, probabilities: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of raw probabilities σ(logit).
@@ -80,7 +82,8 @@ class Calibration:
     @classmethod
     def from_dict(cls, data: dict) -> "Calibration":
         try:
-            cal = cls(**{**data, **{k: tuple(float(v) for v in data.get(k, ())) for k in ("knots", "values", "quantiles")}})
+            tables = {k: tuple(float(v) for v in data.get(k, ())) for k in ("knots", "values", "quantiles")}
+            cal = cls(**{**data, **tables})
         except (KeyError, TypeError, ValueError) as exc:
             raise CryopickError(f"checkpoint calibration is malformed ({exc})") from None
         if len(cal.knots) == 0 or len(cal.knots) != len(cal.values) or np.any(np.diff(cal.knots) < 0):
@@ -90,9 +93,12 @@ class Calibration:
     def describe(self) -> str:
         source = "your count" if self.count_given else "estimated from the labels"
         where = "held-out" if self.held_out else "training (optimistic)"
-        return (f"{self.particles_per_micrograph:.1f} particles per micrograph ({source}; {self.n_labels_matched} of "
+        text = (f"{self.particles_per_micrograph:.1f} particles per micrograph ({source}; {self.n_labels_matched} of "
                 f"{self.n_labels} {where} labels picked among {self.n_peaks} peaks on {self.n_micrographs} "
                 f"micrograph{'s' if self.n_micrographs != 1 else ''})")
+        if self.best_f1_threshold is not None:
+            text += (f"; estimated best F1 {self.best_f1_estimate:.2f} at p ≥ {self.best_f1_threshold:.2f}")
+        return text
 
 
 def label_recall(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels: int) -> np.ndarray:
@@ -181,6 +187,19 @@ def fit_calibration(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels:
     knots, values = posterior_table(peaks, labels, n_labels, n_total)
     z = np.clip(_logit(np.clip(peaks, 0.0, 1.0)), -LOGIT_CLIP, LOGIT_CLIP)
     quantiles = np.unique(np.quantile(z, np.linspace(0, 1, N_QUANTILES)))
-    return Calibration(tuple(float(v) for v in knots), tuple(float(v) for v in values),
+    calibration = Calibration(tuple(float(v) for v in knots), tuple(float(v) for v in values),
                        float(n_total / n_micrographs), int(n_micrographs), len(peaks), int(n_labels), len(labels),
                        bool(held_out), given, tuple(float(v) for v in quantiles))
+    raw_threshold, f1 = estimated_best_f1(peaks, labels, n_labels, n_total)
+    return replace(calibration, best_f1_threshold=float(calibration.apply(np.array([raw_threshold]))[0]),
+                   best_f1_estimate=f1)
+
+
+def estimated_best_f1(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels: int,
+                      n_particles: float) -> tuple[float, float]:
+    """(raw threshold, F1) maximising the estimated F1 = 2·N·R(t) / (#peaks(≥ t) + N) over the peaks."""
+    peaks = np.sort(np.asarray(peak_scores, dtype=np.float64))[::-1]
+    recall = label_recall(peaks, label_scores, n_labels)
+    f1 = 2 * n_particles * recall / (np.arange(1, len(peaks) + 1) + n_particles)
+    best = int(np.argmax(f1))
+    return float(peaks[best]), float(f1[best])

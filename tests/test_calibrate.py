@@ -141,3 +141,14 @@ def test_an_old_dataset_asks_for_a_new_extract(trained, tmp_path):
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CryopickError, match="calibrate pick's probabilities.*re-run extract"):
         load_dataset(old)
+
+
+def test_estimated_best_f1_threshold_by_hand():
+    from cryopick.calibrate import estimated_best_f1
+
+    # N = 4: F1(k) = 2·4·R_k / (k + 4) = 8·[¼, ½, ½, ¾, ¾…]/(k + 4) → 0.4, 0.667, 0.571, 0.75, 0.667, …
+    threshold, f1 = estimated_best_f1(PEAKS, LABELLED, 4, 4.0)
+    assert threshold == 0.6 and f1 == pytest.approx(0.75)
+    cal = fit_calibration(PEAKS, LABELLED, 4, n_micrographs=2, held_out=True, expected_particles=2)
+    assert cal.best_f1_threshold == pytest.approx(cal.apply(np.array([0.6]))[0])
+    assert "best F1 0.75" in cal.describe()
