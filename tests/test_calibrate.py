@@ -122,8 +122,10 @@ def test_train_stores_a_calibration_that_pick_applies(trained, tmp_path):
     star = trained / "sim" / "micrographs.star"
     pick(str(star), tmp_path / "raw.pt", raw_dir, PickConfig(threshold=0.0, device="cpu"), quiet=True)
     pick(str(star), best, cal_dir, PickConfig(threshold=0.0, device="cpu"), quiet=True)
-    for f in sorted(raw_dir.glob("*_cryopick.star")):
-        raw, calibrated = read_coordinate_star(f), read_coordinate_star(cal_dir / f.name)
+    files = [f for f in sorted(raw_dir.rglob("*_cryopick.star")) if not f.name.startswith(("coord", "micrographs"))]
+    assert len(files) == 3
+    for f in files:
+        raw, calibrated = read_coordinate_star(f), read_coordinate_star(cal_dir / f.relative_to(raw_dir))
         assert np.array_equal(raw.x, calibrated.x)
         assert calibrated.score == pytest.approx(cal.apply(raw.score), abs=0.01)
 
