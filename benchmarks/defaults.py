@@ -60,11 +60,12 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--with-count", action="store_true", help="also give train the true particle count")
+    ap.add_argument("--with-count", action="store_true", help="give train the true particle count")
+    ap.add_argument("--expected", type=float, help="give train this particle count per micrograph")
     args = ap.parse_args(argv)
     rows = []
     for case_dir in args.cases:
-        expected = None
+        expected = args.expected
         if args.with_count:
             c = json.loads((case_dir / "case.json").read_text())
             expected = c["counts"]["n_truth_total"] / c["n_micrographs"]

@@ -33,7 +33,6 @@ from cryopick.progress import console, info, progress_bar, warn
 MANIFEST = "manifest.json"
 
 
-
 @dataclass
 class MicrographJob:
     """What one worker needs to turn a micrograph into patches (picklable)."""
