@@ -14,7 +14,8 @@ import torch
 from cryopick.errors import CryopickError
 from cryopick.preprocessing import PreprocessRecord
 
-DATASET_FORMAT = 1
+DATASET_FORMAT = 2  # 2: adds labelled_micrographs.pt (binned labelled micrographs, for pick calibration)
+LABELLED_MICROGRAPHS = "labelled_micrographs.pt"
 
 
 @dataclass
@@ -109,8 +110,11 @@ def load_dataset(path: str | Path) -> PatchDataset:
         raise CryopickError(f"{manifest_path}: corrupt manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != DATASET_FORMAT:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        older = isinstance(version, int) and version < DATASET_FORMAT
+        why = (" (older datasets lack the binned labelled micrographs that calibrate pick's probabilities)"
+               if older else "")
         raise CryopickError(f"{manifest_path}: dataset format {version} is not supported "
-                            f"(expected {DATASET_FORMAT}); re-run extract")
+                            f"(expected {DATASET_FORMAT}){why}; re-run extract with --overwrite")
     try:
         return _load_from_manifest(path, manifest)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -132,6 +136,18 @@ def _load_from_manifest(path: Path, manifest: dict) -> PatchDataset:
     size = int(manifest["patch_size"])
     return PatchDataset(_concat(by_split["train"], size), _concat(by_split["val"], size), record,
                         bool(manifest.get("has_truth")), float(np.mean(areas)) if areas else 0.0, path)
+
+
+def load_labelled_micrographs(path: str | Path) -> list[dict]:
+    """The binned labelled micrographs extract kept (name, split, binned, scales, shape, labels); [] if none."""
+    file = Path(path) / LABELLED_MICROGRAPHS
+    if not file.is_file():
+        return []
+    data = _load(file)
+    mics = data.get("micrographs") if isinstance(data, dict) else None
+    if not isinstance(mics, list):
+        raise CryopickError(f"{file}: not a cryopick labelled-micrographs file")
+    return mics
 
 
 def _load_single_file(path: Path) -> PatchDataset:

@@ -30,7 +30,8 @@ class DemoSettings:
     epochs: int = 10
     steps_per_epoch: int = 25
     backbone: str = "resnet8"
-    balanced_prior: float = 0.2  # imbalanced nnPU weighting (particles are ~2% of patch centres); see RESULTS.md
+    balanced_prior: float | None = None  # imbalanced nnPU weighting (loss.balanced_prior); None: the default
+    give_count: bool = False  # pass the true particle count (--expected-particles); the default estimates it
     seed: int = 0
     device: str = "auto"
 
@@ -60,8 +61,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, quiet: b
 
     t = time.perf_counter()
     info("[bold]3/5 train[/bold]", quiet)
-    # the user's rough count of particles per micrograph sets the class prior
-    expected = case["counts"]["n_particles"] / max(1, case["n_micrographs"])
+    # by default nothing but the diameter: train estimates the particle count from the held-out labels
+    expected = case["counts"]["n_particles"] / max(1, case["n_micrographs"]) if s.give_count else None
     cfg = resolve(TrainConfig, None, {
         "data.data_dir": str(out / "dataset"), "train.output_root": str(out / "experiments"),
         "train.exp_name": "demo", "model.backbone": s.backbone, "train.epochs": s.epochs,

@@ -20,7 +20,7 @@ import torch
 
 from cryopick import __version__
 from cryopick.config import ExtractConfig, dump_yaml, validate
-from cryopick.data import DATASET_FORMAT
+from cryopick.data import DATASET_FORMAT, LABELLED_MICROGRAPHS
 from cryopick.errors import CryopickError, InputFileError
 from cryopick.fsutil import (
     check_output_dir,
@@ -68,6 +68,9 @@ class MicrographPatches:
     n_outside: int
     binned_shape: tuple[int, int]
     error: str | None = None
+    binned: np.ndarray | None = None  # float16 binned micrograph, kept for labelled micrographs (calibration)
+    scales: tuple[float, float] = (1.0, 1.0)  # (sy, sx) original px per binned px
+    shape: tuple[int, int] = (0, 0)  # original (rows, cols)
 
     @classmethod
     def failed(cls, index: int, reason: str) -> "MicrographPatches":
@@ -170,6 +173,9 @@ def extract_micrograph(job: MicrographJob) -> MicrographPatches:
         n_padded=int(near_edge.sum()),
         n_outside=n_outside,
         binned_shape=(ny, nx),
+        binned=binned.astype(np.float16) if len(pos_b) else None,
+        scales=(float(scales[0]), float(scales[1])),
+        shape=(int(image.shape[0]), int(image.shape[1])),
     )
 
 
@@ -261,7 +267,7 @@ def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
     recover_replaced_dir(out_dir)
     if not out_dir.is_dir():
         return
-    ours = [p for p in out_dir.iterdir() if p.name in (MANIFEST, CONFIG_NAME) or
+    ours = [p for p in out_dir.iterdir() if p.name in (MANIFEST, CONFIG_NAME, LABELLED_MICROGRAPHS) or
             (p.name.startswith("chunk_") and p.suffix == ".pt") or p.name.startswith(".chunk_")]
     others = sorted(p.name for p in out_dir.iterdir() if p not in ours)
     if others:
@@ -438,6 +444,7 @@ def _extract_into(out_dir: Path, entries: list[MicrographEntry], shapes: list, l
     writers = {s: ChunkWriter(out_dir, s, config.chunk_size, config.patch_size, names, counter, chunks)
                for s in ("train", "val")}
     mic_records: list[dict] = []
+    labelled_micrographs: list[dict] = []
     failed: set[int] = set()
     jobs = _jobs(entries, labels, truth_coords, factor, config, record, shapes)
     with progress_bar(quiet, extra="{task.fields[patches]} patches") as progress:
@@ -464,6 +471,8 @@ def _extract_into(out_dir: Path, entries: list[MicrographEntry], shapes: list, l
                 summary.n_outside += result.n_outside
                 summary.n_used += 1
                 n_done += len(result.positive) + len(result.unlabeled)
+                if result.binned is not None:
+                    labelled_micrographs.append(_labelled_micrograph(entry.name, split, result))
             mic_records.append(_micrograph_record(entry, splits[result.index], shapes[result.index], result))
             progress.update(task, advance=1, patches=n_done)
     for w in writers.values():
@@ -472,8 +481,17 @@ def _extract_into(out_dir: Path, entries: list[MicrographEntry], shapes: list, l
         raise CryopickError("no usable micrographs: every micrograph failed (listed above)")
     if summary.n_positive["train"] == 0:
         raise CryopickError("no positive patch in the training split (all labelled coordinates fell outside?)")
+    save_torch_atomic(out_dir / LABELLED_MICROGRAPHS, {"micrographs": labelled_micrographs})
     _write_manifest(out_dir, config, record, mic_records, chunks, summary, has_truth)
     write_text_atomic(out_dir / CONFIG_NAME, dump_yaml(config))
+
+
+def _labelled_micrograph(name: str, split: str, result: MicrographPatches) -> dict:
+    """A labelled micrograph as pick sees it (binned, float16) and its labels: what calibration scores."""
+    return {"name": name, "split": split, "binned": torch.from_numpy(result.binned),
+            "scales": torch.tensor(result.scales, dtype=torch.float64),
+            "shape": torch.tensor(result.shape, dtype=torch.int64),
+            "labels": torch.from_numpy(np.asarray(result.positive_xy, dtype=np.float32).reshape(-1, 2))}
 
 
 def _micrograph_record(entry: MicrographEntry, split: str, shape, result: MicrographPatches) -> dict:

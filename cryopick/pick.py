@@ -37,6 +37,7 @@ from rich.table import Table
 from scipy.special import expit
 
 from cryopick import __version__
+from cryopick.calibrate import Calibration
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.config import PickConfig, dump_yaml, validate
 from cryopick.device import resolve_device
@@ -603,6 +604,7 @@ class PickSummary:
     histogram: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BINS)  # candidates per 0.1 of probability
     expected: float | None = None
     expected_threshold: float | None = None  # threshold giving `expected` picks per micrograph
+    estimated_particles: float | None = None  # Σ calibrated p over candidates per micrograph (calibrated models)
     outputs: list[Path] = field(default_factory=list)
     shard: tuple[int, int] = (0, 1)
     device: str = "cpu"
@@ -627,6 +629,7 @@ class _RunState:
     pixel_sizes_seen: set[float] = field(default_factory=set)
     preview_stars: set[str] = field(default_factory=set)  # coordinate files whose micrograph gets a preview
     processed_pixel_sizes: dict[str, float] = field(default_factory=dict)
+    calibration: Calibration | None = None  # score → P(particle | peak), from train; None: raw σ(logit)
 
 
 def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config: PickConfig,
@@ -675,7 +678,7 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
     if summary.skipped:
         info(f"{len(summary.skipped)} micrographs already picked in {out_root} with the same model and settings "
              "(kept; --overwrite redoes them)", quiet)
-    state = _RunState(summary, preview_stars=preview_stars)
+    state = _RunState(summary, preview_stars=preview_stars, calibration=_calibration(ckpt, quiet))
     if todo:
         scorer = DenseScorer(network, device, record.patch_size // 2, config.tile_size, config.amp)
         if config.overwrite:
@@ -737,6 +740,19 @@ def _pick_aside(todo: list[PlannedMicrograph], scorer: DenseScorer, record: Prep
         discard_dir(stage)
 
 
+def _calibration(ckpt: dict, quiet: bool) -> Calibration | None:
+    """The checkpoint's calibration (scores become P(particle | peak)); a warning when it has none."""
+    data = ckpt.get("calibration")
+    if not data:
+        warn("this model has no pick calibration (trained by an older cryopick, or calibration failed): scores "
+             "are the network's raw probabilities and 0.5 may over- or under-pick; --expected N prints the "
+             "threshold giving N picks per micrograph")
+        return None
+    calibration = Calibration.from_dict(data)
+    info(f"calibrated scores: {calibration.describe()}", quiet)
+    return calibration
+
+
 def validate_pick_config(config: PickConfig) -> None:
     """Kept for callers; the checks live in cryopick.config.validate."""
     validate(config)
@@ -779,6 +795,8 @@ def _pick_one(loaded: LoadedMicrograph, logits: np.ndarray, scorer: DenseScorer,
         state.summary.radius_px = radius
     geometry = MapGeometry(scorer.model.output_stride, scorer.pad, loaded.scales)
     candidates = candidate_picks(logits, geometry, tuple(loaded.binned.shape), loaded.shape, radius, config.edge)
+    if state.calibration is not None:
+        candidates = Picks(candidates.x, candidates.y, state.calibration.apply(candidates.score))
     picks = select_picks(candidates, config.threshold, config.max_picks)
     star_path = safe_join(out_root, loaded.plan.star)
     write_coordinate_star(star_path, picks.x, picks.y, picks.score)
@@ -822,6 +840,8 @@ def _write_preview(loaded: LoadedMicrograph, picks: Picks, radius_px: float, con
 def _finish_scores(state: _RunState, config: PickConfig) -> None:
     scores = np.concatenate(state.candidate_scores) if state.candidate_scores else np.zeros(0)
     state.summary.histogram = score_histogram(scores)
+    if state.calibration is not None and state.summary.counts:
+        state.summary.estimated_particles = float(scores.sum()) / len(state.summary.counts)
     if config.expected is not None:
         state.summary.expected_threshold = threshold_for_expected(scores, len(state.summary.counts), config.expected)
 
@@ -938,6 +958,8 @@ def print_summary(summary: PickSummary) -> None:
     table.add_row("failed", str(len(summary.failed)))
     table.add_row("particles", f"{summary.total_picks} ({summary.total_picks / n:.1f} per micrograph)" if n else "0")
     table.add_row("threshold", f"{summary.threshold:g}")
+    if summary.estimated_particles is not None:
+        table.add_row("estimated particles (Σ p)", f"{summary.estimated_particles:.1f} per micrograph")
     if summary.radius_px is not None:
         table.add_row("NMS radius", f"{summary.radius_px:.1f} px")
     if summary.expected_threshold is not None:

@@ -582,6 +582,8 @@ def _train_in(config: TrainConfig, exp_dir: Path, resume: bool, quiet: bool) -> 
         dist.close()
     if dist.main and not best_path.exists() and last_path.exists() and not interrupted:
         save(best_path, state["history"][-1] if state["history"] else {})
+    if dist.main and best_path.exists() and not interrupted:
+        calibrate_best(best_path, config, device, quiet)
     warning = first_epoch_best_warning(state["best_epoch"], state["epoch"], config.train.monitor)
     validated = any("val_recall" in row for row in state["history"])  # else "best" is the lowest training loss
     if dist.main and warning and validated and not interrupted:
@@ -596,6 +598,25 @@ def summary_lines(result: TrainResult, config: TrainConfig) -> list[str]:
                            result.exp_dir, best_row.get("val_recall"), best_row.get("val_recall90_score"))]
     return lines + next_steps_train(result.exp_dir / "checkpoints" / "best.pt",
                                     dataset_micrographs(config.data.data_dir))
+
+
+def calibrate_best(best_path: Path, config: TrainConfig, device: torch.device, quiet: bool) -> None:
+    """Store pick's calibration in best.pt (see cryopick.calibrate); a failure leaves the raw scores."""
+    from cryopick.calibrate_model import calibrate_checkpoint  # imports pick, which train does not need
+
+    try:
+        calibration = calibrate_checkpoint(best_path, config.data.data_dir, config.loss.expected_particles, device)
+    except CryopickError as exc:
+        warn(f"pick calibration failed: {exc}. pick will write uncalibrated scores; choose a threshold "
+             "(pick --expected N prints the one giving N picks per micrograph) or retrain with "
+             "--expected-particles N")
+        return
+    info(f"pick calibration: {calibration.describe()}; p = 0.5 ↔ raw score "
+         f"{_fmt(calibration.raw_threshold(0.5))}", quiet)
+
+
+def _fmt(value: float | None) -> str:
+    return "never reached" if value is None else f"{value:.3g}"
 
 
 class StopRequest:

@@ -1,6 +1,7 @@
 """The quick start's chain (simulate → extract → train → pick → evaluate) at a tiny size."""
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -31,3 +32,15 @@ def test_demo_refuses_a_non_empty_directory(tmp_path):
         run_demo(tmp_path / "x", DemoSettings(micrographs=2, size=256), quiet=True)
     result = CliRunner().invoke(app, ["demo", str(tmp_path / "x")])
     assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+# The figures `cryopick demo` prints with its defaults (2 CPU cores, torch 2.13.0+cpu; README "What to expect").
+DEMO_FIGURES = {"precision": 0.598, "recall": 0.582, "f1": 0.590, "ap": 0.435}
+
+
+@pytest.mark.skipif(not os.environ.get("CRYOPICK_SLOW_TESTS"), reason="runs the full demo (~3 min); "
+                    "set CRYOPICK_SLOW_TESTS=1")
+def test_demo_prints_the_figures_the_readme_shows(tmp_path):
+    report, _ = run_demo(tmp_path / "demo", DemoSettings(device="cpu"), quiet=True)
+    for key, value in DEMO_FIGURES.items():
+        assert report.overall[key] == pytest.approx(value, abs=0.02), key

@@ -1,0 +1,205 @@
+"""Pick-level calibration: what pick's score means, and how many particles there are, from the labels.
+
+After training, the final model scores labelled micrographs densely (the code pick runs: dense map, peaks,
+NMS). Their peaks are a mixture: particles and everything else. The labelled particles' peaks show what a
+particle's score looks like (f_P; unmatched labels count as "never picked"), all peaks give the mixture f.
+
+- **Mixture proportion** α (particles per peak): above any threshold t there are at least as many peaks
+  as particles, #peaks(≥ t) ≥ N·R(t), with R(t) the fraction of labels picked at ≥ t. So
+  N ≤ #peaks(≥ t) / R(t) for every t, with equality where only particles score above t; the estimate is
+  the minimum over thresholds keeping at least ``min_labels`` labels (Elkan–Noto/Scott style).
+- **Posterior** P(particle | score): the expected particles among the top k peaks are C(k) = N·R(s_k);
+  the slope of its least concave majorant is a non-increasing (in rank) estimate of the posterior,
+  clipped to [0, 1]. It is stored as a monotone table on logits and applied by pick, so a pick's figure of
+  merit is "the probability that this peak is a particle", and 0.5 means "more likely a particle than not".
+
+The labels should not have trained the model (held-out micrographs), or f_P is optimistic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+from scipy.special import logit as _logit
+
+from cryopick.errors import CryopickError
+
+MIN_LABELS = 5  # thresholds keeping fewer matched labels than this are too noisy to bound N
+LOGIT_CLIP = 30.0  # σ(30) = 1 − 1e-13: beyond this probabilities saturate in float64
+TIE_BREAK = 0.01  # weight of the peaks' rank in the calibrated score: keeps the ranking through the 6 decimals
+N_QUANTILES = 101  # quantiles of the calibration peaks' logits stored for the tie-break
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A monotone map from the network's logit to P(particle | peak), and what it was estimated from."""
+
+    knots: tuple[float, ...]  # logits, increasing
+    values: tuple[float, ...]  # posterior at each knot, non-decreasing, in [0, 1]
+    particles_per_micrograph: float  # estimated (or given) particles per micrograph
+    n_micrographs: int
+    n_peaks: int
+    n_labels: int
+    n_labels_matched: int
+    held_out: bool  # True when the labels did not train the model
+    count_given: bool = False  # True when N came from the user's count, not the estimate
+    quantiles: tuple[float, ...] = ()  # logit quantiles of the calibration peaks (strictly increasing)
+    best_f1_threshold: float | None = None  # calibrated score maximising the estimated F1 on these peaks
+    best_f1_estimate: float | None = None  # that estimated F1 (against N particles)
+
+    def apply(self, probabilities: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of raw probabilities σ(logit).
+
+        The posterior table is flat beyond its end knots; a weight of ``TIE_BREAK`` on the (clipped,
+        rescaled) logit keeps the map strictly increasing, so the network's ranking (and AP) is kept.
+        """
+        z = np.clip(_logit(np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, 1.0)), -LOGIT_CLIP, LOGIT_CLIP)
+        return (1 - TIE_BREAK) * np.interp(z, self.knots, self.values) + TIE_BREAK * self._rank(z)
+
+    def _rank(self, z: np.ndarray) -> np.ndarray:
+        """A strictly increasing map of logits onto [0, 1]: mostly the peaks' quantile, spread evenly."""
+        linear = (z + LOGIT_CLIP) / (2 * LOGIT_CLIP)
+        if len(self.quantiles) < 2:
+            return linear
+        return 0.9 * np.interp(z, self.quantiles, np.linspace(0, 1, len(self.quantiles))) + 0.1 * linear
+
+    def raw_threshold(self, calibrated: float) -> float | None:
+        """The raw probability from which the calibrated score reaches ``calibrated`` (None: never)."""
+        values = np.asarray(self.values)
+        knots = np.asarray(self.knots)
+        hit = np.flatnonzero((1 - TIE_BREAK) * values + TIE_BREAK * self._rank(knots) >= calibrated)
+        if len(hit) == 0:
+            return None
+        return float(1 / (1 + math.exp(-self.knots[hit[0]])))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["knots"], d["values"], d["quantiles"] = list(self.knots), list(self.values), list(self.quantiles)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Calibration":
+        try:
+            tables = {k: tuple(float(v) for v in data.get(k, ())) for k in ("knots", "values", "quantiles")}
+            cal = cls(**{**data, **tables})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CryopickError(f"checkpoint calibration is malformed ({exc})") from None
+        if len(cal.knots) == 0 or len(cal.knots) != len(cal.values) or np.any(np.diff(cal.knots) < 0):
+            raise CryopickError("checkpoint calibration is malformed (knots must be increasing, one value each)")
+        return cal
+
+    def describe(self) -> str:
+        source = "your count" if self.count_given else "estimated from the labels"
+        where = "held-out" if self.held_out else "training (optimistic)"
+        text = (f"{self.particles_per_micrograph:.1f} particles per micrograph ({source}; {self.n_labels_matched} of "
+                f"{self.n_labels} {where} labels picked among {self.n_peaks} peaks on {self.n_micrographs} "
+                f"micrograph{'s' if self.n_micrographs != 1 else ''})")
+        if self.best_f1_threshold is not None:
+            text += (f"; estimated best F1 {self.best_f1_estimate:.2f} at p ≥ {self.best_f1_threshold:.2f}")
+        return text
+
+
+def label_recall(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels: int) -> np.ndarray:
+    """R at each peak's score: the fraction of all ``n_labels`` labels whose peak scores at least as high."""
+    ordered = np.sort(np.asarray(label_scores, dtype=np.float64))
+    return (len(ordered) - np.searchsorted(ordered, peak_scores, side="left")) / n_labels
+
+
+def estimate_particle_count(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels: int,
+                            min_labels: int = MIN_LABELS) -> float:
+    """N = min over thresholds of #peaks(≥ t) / R(t), over thresholds keeping ≥ ``min_labels`` labels.
+
+    ``peak_scores``: every peak of the micrographs; ``label_scores``: the scores of the peaks matched to
+    labels (a subset of ``peak_scores``); ``n_labels``: all labels, matched or not.
+    """
+    peaks = np.asarray(peak_scores, dtype=np.float64)
+    matched = np.sort(np.asarray(label_scores, dtype=np.float64))[::-1]
+    if n_labels <= 0 or len(matched) == 0:
+        raise CryopickError("no label was found among the peaks: cannot estimate the number of particles; "
+                            "give the count (train --expected-particles N)")
+    usable = matched[min(len(matched), max(1, min_labels)) - 1:]  # thresholds keeping ≥ min_labels labels
+    ordered = np.sort(peaks)
+    above = len(ordered) - np.searchsorted(ordered, usable, side="left")
+    return float(np.min(above / label_recall(usable, matched, n_labels)))
+
+
+def posterior_table(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels: int,
+                    n_particles: float) -> tuple[np.ndarray, np.ndarray]:
+    """Monotone P(particle | score) at the peaks: (logits increasing, posterior non-decreasing).
+
+    C(k) = N·R(s_k) particles among the top k peaks; the posterior is the slope of C's least concave
+    majorant (a decreasing function of rank), clipped to [0, 1], taken per group of equal slope.
+    """
+    peaks = np.sort(np.asarray(peak_scores, dtype=np.float64))[::-1]
+    if len(peaks) == 0:
+        raise CryopickError("no peaks to calibrate on")
+    cumulative = np.concatenate([[0.0], n_particles * label_recall(peaks, label_scores, n_labels)])
+    hull = _concave_majorant(np.arange(len(cumulative), dtype=np.float64), cumulative)
+    slopes = np.clip(np.diff(hull), 0.0, 1.0)  # slope of segment k-1 → k belongs to peak k
+    z = np.clip(_logit(np.clip(peaks, 0.0, 1.0)), -LOGIT_CLIP, LOGIT_CLIP)
+    # one knot per run of equal slope, at the run's median logit: a compact, monotone table
+    breaks = np.flatnonzero(np.diff(slopes) != 0) + 1
+    knots, values = [], []
+    for run in np.split(np.arange(len(slopes)), breaks):
+        knots.append(float(np.median(z[run])))
+        values.append(float(slopes[run[0]]))
+    knots, values = np.asarray(knots[::-1]), np.asarray(values[::-1])
+    keep = np.concatenate([[True], np.diff(knots) > 0])  # equal knots: keep the lower-ranked (first) value
+    return knots[keep], np.maximum.accumulate(values[keep])
+
+
+def _concave_majorant(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Values at ``x`` of the least concave majorant of points (x, y), x increasing (monotone chain)."""
+    hull: list[int] = []
+    for i in range(len(x)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # drop b when it lies on or below the chord a → i
+            if (y[b] - y[a]) * (x[i] - x[a]) <= (y[i] - y[a]) * (x[b] - x[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return np.interp(x, x[hull], y[hull])
+
+
+def fit_calibration(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels: int, n_micrographs: int,
+                    held_out: bool, expected_particles: float | None = None) -> Calibration:
+    """Calibration from the peaks of ``n_micrographs`` labelled micrographs (see the module docstring).
+
+    ``expected_particles`` (per micrograph), when given, replaces the estimated count.
+    """
+    peaks = np.asarray(peak_scores, dtype=np.float64)
+    labels = np.asarray(label_scores, dtype=np.float64)
+    if len(peaks) == 0 or n_micrographs <= 0:
+        raise CryopickError("no peaks on the labelled micrographs: cannot calibrate")
+    if np.ptp(peaks) == 0:
+        raise CryopickError("every peak has the same score (an untrained model?): cannot calibrate; "
+                            "train longer, or pick with your own --threshold")
+    if expected_particles is not None:
+        if len(labels) == 0:
+            raise CryopickError("no label was found among the peaks: cannot calibrate")
+        n_total, given = float(expected_particles) * n_micrographs, True
+    else:
+        n_total, given = estimate_particle_count(peaks, labels, n_labels), False
+    knots, values = posterior_table(peaks, labels, n_labels, n_total)
+    z = np.clip(_logit(np.clip(peaks, 0.0, 1.0)), -LOGIT_CLIP, LOGIT_CLIP)
+    quantiles = np.unique(np.quantile(z, np.linspace(0, 1, N_QUANTILES)))
+    calibration = Calibration(tuple(float(v) for v in knots), tuple(float(v) for v in values),
+                       float(n_total / n_micrographs), int(n_micrographs), len(peaks), int(n_labels), len(labels),
+                       bool(held_out), given, tuple(float(v) for v in quantiles))
+    raw_threshold, f1 = estimated_best_f1(peaks, labels, n_labels, n_total)
+    return replace(calibration, best_f1_threshold=float(calibration.apply(np.array([raw_threshold]))[0]),
+                   best_f1_estimate=f1)
+
+
+def estimated_best_f1(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels: int,
+                      n_particles: float) -> tuple[float, float]:
+    """(raw threshold, F1) maximising the estimated F1 = 2·N·R(t) / (#peaks(≥ t) + N) over the peaks."""
+    peaks = np.sort(np.asarray(peak_scores, dtype=np.float64))[::-1]
+    recall = label_recall(peaks, label_scores, n_labels)
+    f1 = 2 * n_particles * recall / (np.arange(1, len(peaks) + 1) + n_particles)
+    best = int(np.argmax(f1))
+    return float(peaks[best]), float(f1[best])

@@ -1,0 +1,156 @@
+"""Pick calibration: the mixture estimate and the monotone posterior, by hand and on synthetic mixtures."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import expit, logit
+
+from cryopick.calibrate import (Calibration, estimate_particle_count, fit_calibration, label_recall,
+                                posterior_table)
+from cryopick.errors import CryopickError
+
+PEAKS = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
+LABELLED = np.array([0.9, 0.8, 0.6])  # 3 of 4 labels found among the peaks
+
+
+def test_label_recall_counts_unmatched_labels_as_never_picked():
+    assert list(label_recall(np.array([0.9, 0.7, 0.6, 0.01]), LABELLED, 4)) == [0.25, 0.5, 0.75, 0.75]
+
+
+def test_particle_count_is_the_smallest_peaks_over_recall_bound():
+    # t = 0.9: 1 peak / (1/4) = 4; t = 0.8: 2 / (2/4) = 4; t = 0.6: 4 / (3/4) = 5.33
+    assert estimate_particle_count(PEAKS, LABELLED, 4, min_labels=1) == pytest.approx(4.0)
+    # with at least 3 labels kept only t = 0.6 is allowed
+    assert estimate_particle_count(PEAKS, LABELLED, 4, min_labels=3) == pytest.approx(16 / 3)
+
+
+def test_posterior_is_the_slope_of_the_concave_majorant():
+    # C(k) = 4·R = 0,1,2,2,3,3,…: majorant slopes 1,1,½,½,0,… → runs at median logits
+    knots, values = posterior_table(PEAKS, LABELLED, 4, 4.0)
+    expected_knots = [np.median(logit([0.5, 0.4, 0.3, 0.2, 0.1, 0.05])), np.median(logit([0.7, 0.6])),
+                      np.median(logit([0.9, 0.8]))]
+    assert knots == pytest.approx(expected_knots)
+    assert list(values) == [0.0, 0.5, 1.0]
+    estimated = fit_calibration(PEAKS, LABELLED, 4, n_micrographs=2, held_out=True)
+    assert estimated.particles_per_micrograph == pytest.approx(8 / 3)  # fewer than MIN_LABELS: all 3 labels
+    cal = fit_calibration(PEAKS, LABELLED, 4, n_micrographs=2, held_out=True, expected_particles=2)
+    z = logit(0.7)
+    assert cal.apply(np.array([0.7]))[0] == pytest.approx(0.5 + 0.5 * (z - knots[1]) / (knots[2] - knots[1]), abs=0.01)
+    assert np.all(np.diff(cal.apply(np.array([1e-6, 0.01, 0.02, 0.98, 0.99]))) > 0)  # ranking kept in flat parts
+    assert list(cal.apply(np.array([0.0, 1.0]))) == [0.0, 1.0]
+    assert cal.raw_threshold(0.5) == pytest.approx(expit(knots[1]))
+    assert Calibration.from_dict(cal.to_dict()) == cal
+
+
+def test_given_count_replaces_the_estimate():
+    cal = fit_calibration(PEAKS, LABELLED, 4, n_micrographs=1, held_out=False, expected_particles=8)
+    assert cal.count_given and cal.particles_per_micrograph == 8
+    assert "your count" in cal.describe() and "optimistic" in cal.describe()
+
+
+def test_synthetic_mixture_recovers_count_and_posterior():
+    rng = np.random.default_rng(0)
+    n_particles, n_other = 400, 3000
+    z_p, z_n = rng.normal(2.0, 1.0, n_particles), rng.normal(-2.0, 1.0, n_other)
+    peaks = expit(np.concatenate([z_p, z_n]))
+    labels = expit(rng.choice(z_p, 80, replace=False))
+    n = estimate_particle_count(peaks, labels, 80)
+    assert 0.85 * n_particles < n < 1.2 * n_particles
+    cal = fit_calibration(peaks, labels, 80, n_micrographs=4, held_out=True)
+    # true posterior: equal-variance Gaussians → logit P = log(400/3000) + 4z
+    for z in (-1.0, 0.0, 1.0):
+        true = expit(math.log(n_particles / n_other) + 4 * z)
+        assert cal.apply(np.array([expit(z)]))[0] == pytest.approx(true, abs=0.2)
+    assert np.all(np.diff(cal.apply(expit(np.linspace(-5, 5, 101)))) >= 0)
+
+
+def test_failures_say_what_to_do():
+    with pytest.raises(CryopickError, match="expected-particles"):
+        fit_calibration(PEAKS, np.zeros(0), 4, 1, True)
+    with pytest.raises(CryopickError, match="same score"):
+        fit_calibration(np.full(5, 0.3), np.full(2, 0.3), 2, 1, True)
+    with pytest.raises(CryopickError, match="malformed"):
+        Calibration.from_dict({"knots": [1.0, 0.0], "values": [0, 1]})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from cryopick.config import ExtractConfig, TrainConfig, resolve
+    from cryopick.extract import extract
+    from cryopick.simulate import SimulationParams, simulate
+    from cryopick.train import train
+
+    root = tmp_path_factory.mktemp("calib")
+    simulate(root / "sim", SimulationParams(n_micrographs=3, shape=(384, 384), seed=5, label_fraction=0.5,
+                                            labelled_micrograph_fraction=0.67), quiet=True)
+    extract(str(root / "sim" / "micrographs.star"), str(root / "sim" / "labels"), root / "ds",
+            ExtractConfig(diameter=160.0, unlabeled_per_micrograph=60, val_fraction=0.5, seed=0), quiet=True)
+    cfg = resolve(TrainConfig, None, {"data.data_dir": str(root / "ds"), "train.output_root": str(root / "exp"),
+                                      "train.exp_name": "run", "model.backbone": "resnet8", "train.epochs": 1,
+                                      "train.steps_per_epoch": 2, "train.device": "cpu"})
+    train(cfg, quiet=True)
+    return root
+
+
+def test_extract_keeps_the_labelled_micrographs_binned(trained):
+    from cryopick.data import load_labelled_micrographs
+
+    mics = load_labelled_micrographs(trained / "ds")
+    assert len(mics) == 2 and {m["split"] for m in mics} == {"train", "val"}
+    for m in mics:
+        assert m["binned"].dtype == torch.float16 and m["binned"].shape == (384, 384)  # 80-px particle: bin ×1
+        assert m["labels"].shape[1] == 2 and len(m["labels"]) > 0 and list(m["shape"]) == [384, 384]
+
+
+def test_train_stores_a_calibration_that_pick_applies(trained, tmp_path):
+    from cryopick.calibrate_model import calibration_micrographs
+    from cryopick.checkpoint import load_checkpoint
+    from cryopick.config import PickConfig
+    from cryopick.pick import pick, read_coordinate_star
+
+    mics, held_out = calibration_micrographs(trained / "ds")
+    assert held_out and [m["split"] for m in mics] == ["val"]
+    best = trained / "exp" / "run" / "checkpoints" / "best.pt"
+    cal = Calibration.from_dict(load_checkpoint(best)["calibration"])
+    assert cal.held_out and cal.n_micrographs == 1 and cal.n_labels == len(mics[0]["labels"])
+    raw_dir, cal_dir = tmp_path / "raw", tmp_path / "cal"
+    ckpt = load_checkpoint(best)
+    del ckpt["calibration"]
+    torch.save(ckpt, tmp_path / "raw.pt")
+    star = trained / "sim" / "micrographs.star"
+    pick(str(star), tmp_path / "raw.pt", raw_dir, PickConfig(threshold=0.0, device="cpu"), quiet=True)
+    pick(str(star), best, cal_dir, PickConfig(threshold=0.0, device="cpu"), quiet=True)
+    files = [f for f in sorted(raw_dir.rglob("*_cryopick.star")) if not f.name.startswith(("coord", "micrographs"))]
+    assert len(files) == 3
+    for f in files:
+        raw, calibrated = read_coordinate_star(f), read_coordinate_star(cal_dir / f.relative_to(raw_dir))
+        assert np.array_equal(raw.x, calibrated.x)
+        assert calibrated.score == pytest.approx(cal.apply(raw.score), abs=0.01)
+
+
+def test_an_old_dataset_asks_for_a_new_extract(trained, tmp_path):
+    import json
+    import shutil
+
+    from cryopick.data import load_dataset
+
+    old = tmp_path / "old"
+    shutil.copytree(trained / "ds", old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CryopickError, match="calibrate pick's probabilities.*re-run extract"):
+        load_dataset(old)
+
+
+def test_estimated_best_f1_threshold_by_hand():
+    from cryopick.calibrate import estimated_best_f1
+
+    # N = 4: F1(k) = 2·4·R_k / (k + 4) = 8·[¼, ½, ½, ¾, ¾…]/(k + 4) → 0.4, 0.667, 0.571, 0.75, 0.667, …
+    threshold, f1 = estimated_best_f1(PEAKS, LABELLED, 4, 4.0)
+    assert threshold == 0.6 and f1 == pytest.approx(0.75)
+    cal = fit_calibration(PEAKS, LABELLED, 4, n_micrographs=2, held_out=True, expected_particles=2)
+    assert cal.best_f1_threshold == pytest.approx(cal.apply(np.array([0.6]))[0])
+    assert "best F1 0.75" in cal.describe()
