@@ -145,6 +145,8 @@ def test_config_file_values_survive_cli_defaults(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(cryopick.extract, "extract", lambda *a, **k: seen.setdefault("extract", a[3]))
     monkeypatch.setattr(cryopick.extract, "print_summary", lambda summary: None)
+    monkeypatch.setattr(cryopick.extract, "next_steps", lambda summary: [])
+    monkeypatch.setattr(cryopick.pick, "next_steps", lambda summary: [])
     monkeypatch.setattr(cryopick.pick, "pick", lambda *a, **k: seen.setdefault("pick", a[3]))
     (tmp_path / "e.yaml").write_text("val_fraction: 0.5\nchunk_size: 64\nworkers: 2\n")
     (tmp_path / "p.yaml").write_text("threshold: 0.2\nedge: 30\nworkers: 0\n")
