@@ -26,6 +26,13 @@ app = typer.Typer(
 
 
 
+def _renamed_option(value, old_value, name: str, old_name: str):
+    """The value of an option renamed in this version, given by its new or (hidden) old name."""
+    if value is not None and old_value is not None:
+        raise CryopickError(f"give {name} or its old name {old_name}, not both")
+    return value if value is not None else old_value
+
+
 def flag(*names: str, help: str) -> bool:
     """An on/off option shown as a flag (no value) in --help."""
     return typer.Option(False, *names, help=help, metavar="")
@@ -122,7 +129,7 @@ def simulate(
     particle: str = typer.Option("shell", "--particle", help="Particle shape: shell, blob, rod, ring."),
     per_micrograph: Optional[int] = typer.Option(None, "--particles", help="Particles per micrograph (default: ~30% area)."),
     snr: float = typer.Option(0.05, "--snr", help="Per-pixel signal-to-noise ratio over the particles."),
-    label_fraction: float = typer.Option(0.15, "--label-fraction", help="Fraction of particles labelled (sparse picks)."),
+    label_fraction: float = typer.Option(0.15, "--label-fraction", help="Fraction of particles labeled (sparse picks)."),
     dtype: str = typer.Option("float32", "--dtype", help="MRC data type: float32, float16 or int16."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
     overwrite: bool = flag("--overwrite", help="Replace an existing simulation in OUT."),
@@ -155,7 +162,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 @user_errors
 def extract(
     micrographs: str = typer.Argument(..., help="Micrographs: a directory, a glob ('mics/*.mrc') or a RELION micrographs STAR."),
-    coords: str = typer.Option(..., "--coords", "-c", help="Labelled coordinates: a directory, a glob or one file "
+    coords: str = typer.Option(..., "--coords", "-c", help="Labeled coordinates: a directory, a glob or one file "
                                "(RELION STAR, coordinate_files list, particles STAR, .box, .cbox, Topaz table)."),
     diameter: float = typer.Option(..., "--diameter", "-d", help="Particle diameter, Å. Sets the default binning "
                                    "(particle ≈ half the patch) and pick's NMS radius."),
@@ -188,7 +195,7 @@ def extract(
     strict: bool = flag("--strict", help="Stop at the first unreadable micrograph instead of skipping it."),
     quiet: bool = QUIET,
 ) -> None:
-    """Cut 128×128 positive patches at labelled centres and unlabeled patches at random centres."""
+    """Cut 128×128 positive patches at labeled centres and unlabeled patches at random centres."""
     from cryopick.extract import extract as run
     from cryopick.extract import next_steps, print_summary
 
@@ -300,8 +307,10 @@ def pick(
                                          "original px (half your extraction box keeps every box inside)."
                                          + default(PickConfig, "edge")),
     max_picks: Optional[int] = typer.Option(None, "--max-picks", help="At most this many picks per micrograph (best kept)."),
-    expected: Optional[float] = typer.Option(None, "--expected", help="Particles you expect per micrograph: the "
-                                             "summary reports the threshold that gives that many."),
+    expected_particles: Optional[float] = typer.Option(None, "--expected-particles", help="Particles you expect "
+                                                       "per micrograph: the summary reports the threshold that "
+                                                       "gives that many."),
+    expected_old: Optional[float] = typer.Option(None, "--expected", hidden=True),  # before --expected-particles
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: pick only micrographs k with k mod n = i "
                                         "(array jobs; under torchrun RANK/WORLD_SIZE are used)."),
     preview: Optional[int] = typer.Option(None, "--preview", help="Write PNG previews (binned, low-passed, picks as "
@@ -340,7 +349,9 @@ def pick(
     from cryopick.pick import pick as run
 
     overrides = {"threshold": threshold, "radius": radius, "radius_px": radius_px, "suffix": suffix, "edge": edge,
-                 "max_picks": max_picks, "expected": expected, "shard": shard, "preview": preview, "device": device,
+                 "max_picks": max_picks, "expected_particles": _renamed_option(expected_particles, expected_old,
+                                                                        "--expected-particles", "--expected"),
+                 "shard": shard, "preview": preview, "device": device,
                  "batch_size": batch_size, "tile_size": tile_size, "pixel_size": pixel_size,
                  "write_box": box or None, "write_topaz": topaz or None, "write_particles": particles or None,
                  "write_cryosparc": cryosparc or None,
@@ -358,8 +369,9 @@ def evaluate(
     picks: Optional[str] = typer.Argument(None, help="Picks: a directory, glob or file in any format extract reads "
                                           "(scores from rlnAutopickFigureOfMerit, Topaz score, cbox confidence)."),
     truth: Optional[str] = typer.Option(None, "--truth", "-t", help="Reference coordinates: directory, glob or file."),
-    radius: Optional[float] = typer.Option(None, "--radius", help="Match radius, original micrograph px "
-                                           "(default: half the particle diameter from --model or --diameter)."),
+    radius_px: Optional[float] = typer.Option(None, "--radius-px", help="Match radius, original micrograph px "
+                                              "(default: half the particle diameter from --model or --diameter)."),
+    radius_old: Optional[float] = typer.Option(None, "--radius", hidden=True),  # before --radius-px
     diameter: Optional[float] = typer.Option(None, "--diameter", help="Particle diameter, Å (with --pixel-size)."),
     pixel_size: Optional[float] = typer.Option(None, "--pixel-size", help="Micrograph pixel size, Å/px."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Score threshold for precision/recall/F1 "
@@ -384,7 +396,8 @@ def evaluate(
     from cryopick.fsutil import check_output_file
     from cryopick.progress import console
 
-    validate(EvaluateConfig(radius=radius, diameter=diameter, pixel_size=pixel_size, threshold=threshold,
+    radius_px = _renamed_option(radius_px, radius_old, "--radius-px", "--radius")
+    validate(EvaluateConfig(radius_px=radius_px, diameter=diameter, pixel_size=pixel_size, threshold=threshold,
                             method=method, coord_scale=coord_scale, split=split, device=device))
     for path, option in ((json_out, "--json"), (csv_out, "--csv"), (plot, "--plot")):
         if path is not None:
@@ -405,7 +418,7 @@ def evaluate(
 
     if picks is None or truth is None:
         raise CryopickError("give PICKS and --truth REFERENCE (or --model with --data-dir for patch metrics)")
-    radius = _match_radius(radius, diameter, pixel_size, model)
+    radius = _match_radius(radius_px, diameter, pixel_size, model)
     report = ev.evaluate(picks, truth, radius, threshold=threshold, method=method, coord_scale=coord_scale)
     if not quiet:
         ev.print_report(report, console)
@@ -420,9 +433,9 @@ def evaluate(
         ev.plot_pr_curve(report, plot)
 
 
-def _match_radius(radius, diameter, pixel_size, model) -> float:
-    if radius is not None:
-        return radius
+def _match_radius(radius_px, diameter, pixel_size, model) -> float:
+    if radius_px is not None:
+        return radius_px
     if model is not None:
         from cryopick.checkpoint import load_checkpoint, preprocess_from_checkpoint
 
@@ -430,7 +443,7 @@ def _match_radius(radius, diameter, pixel_size, model) -> float:
         return record.diameter_A / 2 / (pixel_size or record.pixel_size)
     if diameter is not None and pixel_size is not None:
         return diameter / 2 / pixel_size
-    raise CryopickError("give --radius (px), or --diameter (Å) with --pixel-size (Å/px), or --model CKPT")
+    raise CryopickError("give --radius-px, or --diameter (Å) with --pixel-size (Å/px), or --model CKPT")
 
 
 def _print_patch_metrics(metrics: dict) -> None:
@@ -478,7 +491,7 @@ RELION_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 RELION_HELP = (
     "RELION External job: pick with a trained model (Params row 'model'), or train on the hand picks and pick."
     "\n\nParams tab rows (label, value): model (checkpoint), diameter (Å, to train), threshold (0–1), epochs, "
-    "steps_per_epoch, backbone, device, expected (particles per micrograph), balanced_prior, val_fraction, "
+    "steps_per_epoch, backbone, device, expected_particles (per micrograph), balanced_prior, val_fraction, "
     "unlabeled_per_micrograph, edge (px), max_picks, seed, relion_version (auto, 3, 4 or 5)."
     "\n\nWrites per-micrograph *_autopick.star, autopick.star (coordinate_files), RELION_OUTPUT_NODES.star and "
     "RELION_JOB_EXIT_SUCCESS / _FAILURE / _ABORTED into the job directory; RELION_JOB_ABORT_NOW stops it cleanly."

@@ -1,7 +1,7 @@
-"""Typed configuration: dataclasses with the design document's defaults, YAML files, CLI overrides.
+"""Typed configuration: each command's settings dataclass with its defaults, and the rules that validate them.
 
 Every command resolves its configuration as: dataclass defaults < YAML file < CLI overrides, and
-saves the resolved configuration next to its output.
+saves the resolved configuration next to its output (YAML and dict handling: cryopick.yamlconfig).
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, ClassVar
 
 from cryopick.errors import CryopickError
+from cryopick.yamlconfig import apply_overrides, deep_merge, dump_yaml, from_dict, load_yaml, to_dict
+
+__all__ = ["ExtractConfig", "DataConfig", "ModelConfig", "LossConfig", "AugmentConfig", "OptimConfig",
+           "TrainLoopConfig", "TrainConfig", "PickConfig", "EvaluateConfig", "resolve", "validate", "option_name",
+           "Rule", "RULES", "MONITORS", "dump_yaml", "from_dict", "load_yaml", "to_dict"]
 
 
 @dataclass
@@ -43,7 +46,9 @@ class DataConfig:
     batch_size: int = 32
     batch_ratio: list[int] = field(default_factory=lambda: [1, 4])  # P : U in each batch
     max_shift: float = 0.125  # crop shift of weak augmentation = positive tolerance, fraction of the diameter
-    unlabeled_from: str = "labelled"  # labelled: U only from micrographs with labels (no micrograph bias) | all
+    unlabeled_from: str = "labeled"  # labeled: U only from micrographs with labels (no micrograph bias) | all
+
+    RENAMED_VALUES: ClassVar[dict] = {"unlabeled_from": {"labelled": "labeled"}}  # older configs spelled it British
 
 
 @dataclass
@@ -130,7 +135,7 @@ class PickConfig:
     suffix: str = "cryopick"
     edge: float = 0.0  # original px: drop picks closer than this to a micrograph edge (half the extraction box)
     max_picks: int | None = None
-    expected: float | None = None  # particles per micrograph: report the threshold giving that many
+    expected_particles: float | None = None  # particles per micrograph: report the threshold giving that many
     shard: str | None = None  # "i/n"
     preview: int = 0
     device: str = "auto"
@@ -145,10 +150,12 @@ class PickConfig:
     workers: int = 2  # background threads reading and preprocessing the next micrographs
     amp: bool = True  # bf16 autocast on CUDA
 
+    RENAMED_KEYS: ClassVar[dict] = {"expected": "expected_particles"}  # pick's --expected before the rename
+
 
 @dataclass
 class EvaluateConfig:
-    radius: float | None = None  # match radius, original px
+    radius_px: float | None = None  # match radius, original micrograph px
     diameter: float | None = None  # Å
     pixel_size: float | None = None  # Å/px
     threshold: float | None = None  # score threshold for precision/recall/F1
@@ -157,101 +164,7 @@ class EvaluateConfig:
     split: str = "val"  # patch-level mode: val | train | all
     device: str = "auto"
 
-
-# ---------------------------------------------------------------------------------------------
-# dict <-> dataclass, YAML, dotted overrides
-
-
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
-
-
-def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
-    """Build dataclass ``cls`` from nested ``data``; unknown keys are an error naming the key."""
-    data = dict(data or {})
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value = data.pop(f.name)
-        ftype = hints[f.name]
-        if dataclasses.is_dataclass(ftype):
-            if not isinstance(value, dict):
-                raise CryopickError(f"{where}: '{f.name}' must be a mapping, got {value!r}")
-            value = from_dict(ftype, value, f"{where}.{f.name}")
-        else:
-            value = _coerce(value, ftype, f"{where}.{f.name}")
-        kwargs[f.name] = value
-    if data:
-        known = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise CryopickError(f"{where}: unknown key(s) {', '.join(sorted(data))} (known: {known})")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, ftype: Any, where: str) -> Any:
-    if value is None:
-        return None
-    origin = typing.get_origin(ftype)
-    args = [a for a in typing.get_args(ftype) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
-        return _coerce(value, args[0], where)
-    try:
-        if ftype is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if ftype is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if ftype is float:
-            return float(value)
-        if ftype is str:
-            return str(value)
-        if origin is list:
-            (inner,) = typing.get_args(ftype)
-            if isinstance(value, str):
-                value = [v for v in value.replace(",", " ").split()]
-            return [_coerce(v, inner, where) for v in value]
-    except (TypeError, ValueError):
-        raise CryopickError(f"{where}: {value!r} is not a valid {getattr(ftype, '__name__', ftype)}") from None
-    return value
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise CryopickError(f"{path}: config file not found") from None
-    except yaml.YAMLError as exc:
-        raise CryopickError(f"{path}: not valid YAML ({exc})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise CryopickError(f"{path}: a config file must be a mapping of sections")
-    return data
-
-
-def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
-    """Set dotted keys (``loss.prior``) in nested ``data``; ``None`` values are ignored."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        node = out
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise CryopickError(f"override {dotted}: '{key}' is not a section")
-        node[leaf] = value
-    return out
+    RENAMED_KEYS: ClassVar[dict] = {"radius": "radius_px"}  # evaluate's --radius before the rename
 
 
 def resolve(cls: type, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -259,23 +172,11 @@ def resolve(cls: type, yaml_path: str | Path | None = None, overrides: dict[str,
     """Defaults < ``base`` < YAML file < overrides, validated into dataclass ``cls``."""
     data = dict(base or {})
     if yaml_path:
-        data = _deep_merge(data, load_yaml(yaml_path))
+        data = deep_merge(data, load_yaml(yaml_path))
     data = apply_overrides(data, overrides or {})
     config = from_dict(cls, data, str(yaml_path) if yaml_path else "config")
     validate(config)
     return config
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def dump_yaml(obj: Any) -> str:
-    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
-    return yaml.safe_dump(data, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +245,7 @@ RULES: dict[type, dict[str, Rule]] = {
     DataConfig: {
         "batch_size": _r("--batch-size", 2, 1e5, integer=True),
         "max_shift": _r(None, 0, 0.5),
-        "unlabeled_from": _r(None, choices=("labelled", "all")),
+        "unlabeled_from": _r(None, choices=("labeled", "all")),
     },
     ModelConfig: {
         "backbone": _r("--backbone"),  # choices from cryopick.model, checked in _check_model
@@ -400,7 +301,7 @@ RULES: dict[type, dict[str, Rule]] = {
         "suffix": _r("--suffix", pattern=r"[A-Za-z0-9._-]+", describe="letters, digits, '.', '_' and '-'"),
         "edge": _r("--edge", 0, 1e6),
         "max_picks": _r("--max-picks", 1, 1e9, integer=True, optional=True),
-        "expected": _r("--expected", 0, 1e7, low_open=True, optional=True),
+        "expected_particles": _r("--expected-particles", 0, 1e7, low_open=True, optional=True),
         "shard": _r("--shard", optional=True, pattern=r"\s*\d+\s*/\s*\d+\s*", describe="i/n, e.g. 0/4"),
         "preview": _r("--preview", 0, 1e6, integer=True),
         "device": _r("--device", **DEVICE),
@@ -410,7 +311,7 @@ RULES: dict[type, dict[str, Rule]] = {
         "workers": _r("--workers", 0, 1024, integer=True),
     },
     EvaluateConfig: {
-        "radius": _r("--radius", 0, 1e6, low_open=True, optional=True),
+        "radius_px": _r("--radius-px", 0, 1e6, low_open=True, optional=True),
         "diameter": _r("--diameter", 0, 1e5, low_open=True, optional=True),
         "pixel_size": _r("--pixel-size", 0, 1e4, low_open=True, optional=True),
         "threshold": _r("--threshold", 0, 1, optional=True),

@@ -502,9 +502,14 @@ def evaluate(picks_spec: str | Path, truth_spec: str | Path, radius: float, thre
     name and evaluate. ``coord_scale`` multiplies the pick coordinates (e.g. picks made on binned images);
     references are read as they are."""
     from cryopick.io.coords import read_coordinates
+    from cryopick.progress import warn
 
-    truth, _ = _collect_tables(read_coordinates(truth_spec), "reference coordinates")
-    picks, pick_sources = _collect_tables(read_coordinates(picks_spec, coord_scale=coord_scale), "picks")
+    truth_tables = read_coordinates(truth_spec)
+    pick_tables = read_coordinates(picks_spec, coord_scale=coord_scale)
+    for message in truth_tables.warnings + pick_tables.warnings:
+        warn(message)
+    truth, _ = _collect_tables(truth_tables, "reference coordinates")
+    picks, pick_sources = _collect_tables(pick_tables, "picks")
     truth_names = sorted(truth)
     paired, unmatched = _pair_picks_with_truth(picks, pick_sources, truth_names)
     short = _display_names(truth_names)

@@ -8,7 +8,6 @@ Output directory: ``chunk_NNNNN.pt`` files (plain dicts, ``torch.load(..., weigh
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,8 +136,6 @@ def nearest_distance(points: np.ndarray, references: np.ndarray) -> np.ndarray:
 
 def extract_micrograph(job: MicrographJob) -> MicrographPatches:
     """Read, preprocess and cut one micrograph's patches (runs in a worker process)."""
-    if os.environ.get("CRYOPICK_WORKER"):
-        torch.set_num_threads(1)  # parallelism comes from the worker processes
     try:
         image = read_micrograph(job.path)
     except InputFileError as exc:
@@ -380,18 +377,19 @@ def _run_jobs(jobs: Iterable[MicrographJob], workers: int) -> Iterator[Micrograp
         for job in jobs:
             yield extract_micrograph(job)
         return
-    os.environ["CRYOPICK_WORKER"] = "1"
-    try:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            pending = []
-            for job in jobs:
-                pending.append(pool.submit(extract_micrograph, job))
-                if len(pending) >= 2 * workers:
-                    yield pending.pop(0).result()
-            for fut in pending:
-                yield fut.result()
-    finally:
-        os.environ.pop("CRYOPICK_WORKER", None)
+    with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded) as pool:
+        pending = []
+        for job in jobs:
+            pending.append(pool.submit(extract_micrograph, job))
+            if len(pending) >= 2 * workers:
+                yield pending.pop(0).result()
+        for fut in pending:
+            yield fut.result()
+
+
+def _single_threaded() -> None:
+    """Worker processes use one torch thread each: the parallelism comes from the processes."""
+    torch.set_num_threads(1)
 
 
 def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, config: ExtractConfig,
@@ -406,6 +404,8 @@ def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, co
     summary.n_micrographs = len(entries)
     entries, shapes, pixel_size = _pixel_sizes(entries, config, summary, config.strict)
     tables = read_coordinates(coords, coord_scale=config.coord_scale, micrograph_pixel_size=pixel_size)
+    for message in tables.warnings:
+        warn(message)
     match = match_coordinates(entries, tables)
     summary.unmatched = list(match.unmatched)
     for item in match.unmatched:
@@ -415,7 +415,10 @@ def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, co
     labels = _deduplicate(match.coords)
     truth_coords = None
     if truth is not None:
-        truth_coords = match_coordinates(entries, read_coordinates(truth)).coords
+        truth_tables = read_coordinates(truth)
+        for message in truth_tables.warnings:
+            warn(message)
+        truth_coords = match_coordinates(entries, truth_tables).coords
 
     factor = choose_bin_factor(config.diameter, pixel_size, config.patch_size, config.bin, config.target_pixel_size)
     record = PreprocessRecord(pixel_size=pixel_size, bin_factor=factor, diameter_A=float(config.diameter),

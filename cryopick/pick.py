@@ -7,7 +7,7 @@ the patch centred on binned pixel ``(i·OS − pad, j·OS − pad)``, i.e. origi
 ``x = (j·OS − pad)·sx``. Local maxima of the map, refined below the stride by a quadratic fit, are
 thresholded on probability σ(logit) and thinned by greedy NMS in original pixels.
 
-Output directory layout (RELION 3.1/4/5, see shared/docs/formats.md §1.2-1.6):
+Output directory layout (RELION 3.1/4/5, see docs/formats.md):
 ``<post of rlnMicrographName without extension>_<suffix>.star`` per micrograph (0 bytes when empty),
 ``coords_suffix_<suffix>.star`` (3.1 suffix node: the micrographs STAR's path), and
 ``coordinates_<suffix>.star`` (4/5 ``coordinate_files`` list for ``--coord_list``).
@@ -668,7 +668,7 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
     if not config.overwrite and not _same_producer(ledger.my_producer, producer):
         ledger.set_producer(producer)  # recorded before the first pick is written
 
-    summary = PickSummary(threshold=config.threshold, shard=shard, device=str(device), expected=config.expected,
+    summary = PickSummary(threshold=config.threshold, shard=shard, device=str(device), expected=config.expected_particles,
                           out_dir=Path(out_dir), suffix=config.suffix)
     summary.failed.update({n: r for n, r in plan_failures.items() if n in my_names})
     todo_names = {p.entry.name for p in todo}
@@ -745,7 +745,7 @@ def _calibration(ckpt: dict, quiet: bool) -> Calibration | None:
     data = ckpt.get("calibration")
     if not data:
         warn("this model has no pick calibration (trained by an older cryopick, or calibration failed): scores "
-             "are the network's raw probabilities and 0.5 may over- or under-pick; --expected N prints the "
+             "are the network's raw probabilities and 0.5 may over- or under-pick; --expected-particles N prints the "
              "threshold giving N picks per micrograph")
         return None
     calibration = Calibration.from_dict(data)
@@ -842,8 +842,9 @@ def _finish_scores(state: _RunState, config: PickConfig) -> None:
     state.summary.histogram = score_histogram(scores)
     if state.calibration is not None and state.summary.counts:
         state.summary.estimated_particles = float(scores.sum()) / len(state.summary.counts)
-    if config.expected is not None:
-        state.summary.expected_threshold = threshold_for_expected(scores, len(state.summary.counts), config.expected)
+    if config.expected_particles is not None:
+        state.summary.expected_threshold = threshold_for_expected(scores, len(state.summary.counts),
+                                                                  config.expected_particles)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ PARAMS: dict[str, Param] = {
     "steps_per_epoch": Param(int, "batches per training epoch"),
     "backbone": Param(str, "resnet8 (small, CPU), resnet18, resnet34, resnet50"),
     "device": Param(str, "auto (GPU when present), cpu, cuda or cuda:N"),
-    "expected": Param(float, "particles per micrograph: sets the training prior, reports its pick threshold"),
+    "expected_particles": Param(float, "particles per micrograph: sets the training prior, reports its pick "
+                                "threshold"),
     "balanced_prior": Param(float, "imbalanced nnPU prior π' (e.g. 0.5)"),
     "val_fraction": Param(float, "fraction of micrographs held out for validation"),
     "unlabeled_per_micrograph": Param(int, "unlabeled training patches per micrograph (default: by area)"),
@@ -82,6 +83,7 @@ PARAMS: dict[str, Param] = {
     "seed": Param(int, "random seed"),
     "relion_version": Param(str, "auto (from default_pipeline.star), 3 (3.1), 4 or 5: the output node's type"),
 }
+RENAMED_PARAMS = {"expected": "expected_particles"}  # old row labels still accepted
 
 
 @dataclass
@@ -107,7 +109,7 @@ class RelionJobSettings:
     steps_per_epoch: int | None = None
     backbone: str | None = None
     device: str = "auto"
-    expected: float | None = None
+    expected_particles: float | None = None
     balanced_prior: float | None = None
     val_fraction: float | None = None
     unlabeled_per_micrograph: int | None = None
@@ -136,6 +138,7 @@ def parse_params(args: list[str]) -> RelionJobSettings:
             k += 1 if has_value else 0
         k += 1
         key = name.replace("-", "_")
+        key = RENAMED_PARAMS.get(key, key)
         if key not in PARAMS:
             known = ", ".join(PARAMS)
             raise CryopickError(f"unknown parameter --{name} (the Params tab accepts: {known})")
@@ -314,7 +317,7 @@ def _train(inputs: RelionJobInputs, settings: RelionJobSettings, abort: AbortWat
         "data.data_dir": str(dataset), "train.output_root": str(work), "train.exp_name": exp_dir.name,
         "train.epochs": settings.epochs, "train.steps_per_epoch": settings.steps_per_epoch,
         "model.backbone": settings.backbone, "train.device": settings.device, "train.seed": settings.seed,
-        "loss.expected_particles": settings.expected, "loss.balanced_prior": settings.balanced_prior})
+        "loss.expected_particles": settings.expected_particles, "loss.balanced_prior": settings.balanced_prior})
     resume = (exp_dir / "checkpoints" / "last.pt").is_file()
     with abort.interrupting():
         result = train(train_cfg, resume=resume, quiet=quiet)
@@ -331,7 +334,8 @@ def _pick(inputs: RelionJobInputs, settings: RelionJobSettings, model: Path, abo
     from cryopick.pick import pick
 
     config = dataclasses.replace(PickConfig(), threshold=settings.threshold, suffix=SUFFIX, device=settings.device,
-                                 expected=settings.expected, edge=settings.edge, max_picks=settings.max_picks)
+                                 expected_particles=settings.expected_particles, edge=settings.edge,
+                                 max_picks=settings.max_picks)
     # the job directory as RELION gave it (relative to the project), so pick's own lists use RELION's paths
     return pick(inputs.in_mics, model, inputs.out, config, quiet=quiet, project_dir=inputs.project_dir,
                 stop=abort.requested)

@@ -79,7 +79,7 @@ def next_steps_train(checkpoint: str | Path, micrographs: str | None) -> list[st
     """The pick command with this checkpoint, and how to choose its threshold."""
     mics = _q(micrographs) if micrographs else "MICROGRAPHS"
     return [f"next: cryopick pick {mics} --model {_q(checkpoint)} --out picks/ --preview 3",
-            "      its histogram (and --expected N, particles per micrograph) shows what another --threshold "
+            "      its histogram (and --expected-particles N, per micrograph) shows what another --threshold "
             "would give"]
 
 

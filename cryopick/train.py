@@ -101,8 +101,8 @@ def select_unlabeled(split: SplitData, config: TrainConfig, quiet: bool) -> Spli
     """
     if config.data.unlabeled_from == "all":
         return split
-    if config.data.unlabeled_from != "labelled":
-        raise CryopickError(f"data.unlabeled_from must be labelled or all, got {config.data.unlabeled_from}")
+    if config.data.unlabeled_from != "labeled":
+        raise CryopickError(f"data.unlabeled_from must be labeled or all, got {config.data.unlabeled_from}")
     chosen = split.unlabeled_from_labelled_micrographs()
     if len(chosen.unlabeled) == 0:
         warn("no unlabeled patches on the labelled micrographs; using every micrograph's")
@@ -608,7 +608,7 @@ def calibrate_best(best_path: Path, config: TrainConfig, device: torch.device, q
         calibration = calibrate_checkpoint(best_path, config.data.data_dir, config.loss.expected_particles, device)
     except CryopickError as exc:
         warn(f"pick calibration failed: {exc}. pick will write uncalibrated scores; choose a threshold "
-             "(pick --expected N prints the one giving N picks per micrograph) or retrain with "
+             "(pick --expected-particles N prints the one giving N picks per micrograph) or retrain with "
              "--expected-particles N")
         return
     info(f"pick calibration: {calibration.describe()}; p = 0.5 ↔ raw score "

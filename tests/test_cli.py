@@ -25,8 +25,9 @@ def test_version():
 @pytest.mark.parametrize("command,needles", [
     ("extract", ["Å", "--diameter", "--bin", "--target-pixel-size", "--workers", "--strict", "--overwrite"]),
     ("train", ["--data-dir", "--exp-name", "--epochs", "--backbone", "--resume", "--consistency", "--print-config"]),
-    ("pick", ["--model", "--threshold", "--radius", "--shard", "--preview", "--overwrite", "px"]),
-    ("evaluate", ["--truth", "--radius", "--json", "--csv", "--plot", "px"]),
+    ("pick", ["--model", "--threshold", "--radius", "--shard", "--preview", "--overwrite", "px",
+              "--expected-particles"]),
+    ("evaluate", ["--truth", "--radius-px", "--json", "--csv", "--plot", "px"]),
     ("simulate", ["--snr", "--size", "Å"]),
     ("demo", ["--epochs"]),
 ])
@@ -64,3 +65,33 @@ def test_train_print_config_shows_design_defaults():
 def test_train_rejects_unknown_consistency(tmp_path):
     result = runner.invoke(app, ["train", "--data-dir", str(tmp_path), "--exp-name", "x", "--consistency", "some"])
     assert result.exit_code == 1 and "selective" in _plain(result.output)
+
+
+def test_renamed_options_keep_their_old_names_hidden(tmp_path, monkeypatch):
+    import cryopick.pick
+
+    seen = []
+    monkeypatch.setattr(cryopick.pick, "next_steps", lambda summary: [])
+    monkeypatch.setattr(cryopick.pick, "pick", lambda *a, **k: seen.append(a[3]))
+    for flag in ("--expected-particles", "--expected"):
+        result = runner.invoke(app, ["pick", "M", "-m", "X", "-o", "O", flag, "120"])
+        assert result.exit_code == 0, result.output
+    assert [c.expected_particles for c in seen] == [120.0, 120.0]
+    both = runner.invoke(app, ["pick", "M", "-m", "X", "-o", "O", "--expected", "1", "--expected-particles", "2"])
+    assert both.exit_code == 1 and "not both" in _plain(both.output)
+    pick_help = _plain(runner.invoke(app, ["pick", "--help"], terminal_width=200).stdout)
+    evaluate_help = _plain(runner.invoke(app, ["evaluate", "--help"], terminal_width=200).stdout)
+    assert "--expected " not in pick_help and not re.search(r"--radius\b(?!-)", evaluate_help)
+
+
+def test_evaluate_old_radius_flag_is_the_match_radius_in_px(tmp_path):
+    from cryopick.io.relion import write_coordinate_star
+
+    star = tmp_path / "mic_picks.star"
+    write_coordinate_star(star, np.array([10.0, 50.0]), np.array([10.0, 50.0]), np.array([0.9, 0.8]))
+    truth = tmp_path / "mic.star"
+    write_coordinate_star(truth, np.array([13.0, 90.0]), np.array([10.0, 90.0]), np.zeros(2))
+    for flag in ("--radius-px", "--radius"):
+        result = runner.invoke(app, ["evaluate", str(star), "--truth", str(truth), flag, "5", "-q"])
+        assert result.exit_code == 0, result.output
+        assert "precision 0.5000 recall 0.5000" in result.stdout

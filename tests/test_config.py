@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from cryopick.cli import default_config_text
-from cryopick.config import TrainConfig, dump_yaml, from_dict, resolve, to_dict
+from cryopick.config import EvaluateConfig, PickConfig, TrainConfig, dump_yaml, from_dict, resolve, to_dict
 from cryopick.errors import CryopickError
 
 
@@ -36,3 +36,14 @@ def test_bad_config_files_name_the_problem(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(CryopickError, match=match):
         resolve(TrainConfig, path)
+
+
+def test_configs_of_older_versions_load_under_the_new_names(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  unlabeled_from: labelled\n")
+    assert resolve(TrainConfig, old).data.unlabeled_from == "labeled"
+    assert from_dict(PickConfig, {"expected": 300}).expected_particles == 300.0
+    assert from_dict(EvaluateConfig, {"radius": 12}).radius_px == 12.0
+    assert "expected_particles: 300" in dump_yaml(from_dict(PickConfig, {"expected": 300}))  # saved as the new name
+    with pytest.raises(CryopickError, match="not both"):
+        from_dict(PickConfig, {"expected": 1, "expected_particles": 2})

@@ -92,7 +92,8 @@ def train_config(root: Path, name: str, **over) -> TrainConfig:
     (["pick", "M", "-m", "X.pt", "-o", "O", "--shard", "3/2"], ["--shard", "0 ≤ i < n"]),
     (["pick", "M", "-m", "X.pt", "-o", "O", "--tile-size", "0"], ["--tile-size"]),
     (["evaluate", "P", "--truth", "T", "--pixel-size", "0", "--diameter", "150"], ["--pixel-size", "0 <"]),
-    (["evaluate", "P", "--truth", "T", "--radius", "inf"], ["--radius"]),
+    (["evaluate", "P", "--truth", "T", "--radius-px", "inf"], ["--radius-px", "radius_px"]),
+    (["evaluate", "P", "--truth", "T", "--radius", "inf"], ["--radius-px"]),  # the old name, still accepted
     (["evaluate", "P", "--truth", "T", "--method", "best"], ["--method", "hungarian, greedy"]),
 ])
 def test_bad_option_values_are_one_line_errors(tmp_path, monkeypatch, args, needles):
@@ -112,7 +113,7 @@ def test_bad_option_values_are_one_line_errors(tmp_path, monkeypatch, args, need
     ("model:\n  dropout: 2\n", ["model.dropout", "< 1"]),
     ("optim:\n  lr: -1\n", ["optim.lr"]),
     ("optim:\n  scheduler: linear\n", ["optim.scheduler", "cosine, none"]),
-    ("data:\n  unlabeled_from: some\n", ["data.unlabeled_from", "labelled, all"]),
+    ("data:\n  unlabeled_from: some\n", ["data.unlabeled_from", "labeled, all"]),
     ("loss:\n  ent_ramp_epochs: [20, 10]\n", ["loss.ent_ramp_epochs"]),
 ])
 def test_bad_config_values_name_the_key_and_range(tmp_path, text, needles):
@@ -361,14 +362,14 @@ def test_unwritable_outputs_are_one_line_errors(chain, tmp_path):
         (["extract", str(chain / "sim/micrographs"), "-c", picks, "-d", "160", "-o", str(tmp_path / "afile")],
          "not a directory"),
         (["pick", str(chain / "sim/micrographs"), "-m", model, "-o", str(tmp_path / "afile/out")], "not a directory"),
-        (["evaluate", picks, "--truth", picks, "--radius", "40", "--json", str(tmp_path)], "is a directory"),
-        (["evaluate", picks, "--truth", picks, "--radius", "40", "--csv", str(tmp_path / "afile/r.csv")],
+        (["evaluate", picks, "--truth", picks, "--radius-px", "40", "--json", str(tmp_path)], "is a directory"),
+        (["evaluate", picks, "--truth", picks, "--radius-px", "40", "--csv", str(tmp_path / "afile/r.csv")],
          "not a directory"),
     ]
     if os.geteuid() != 0:  # root may write anywhere
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
-        cases.append((["evaluate", picks, "--truth", picks, "--radius", "40", "--csv", str(ro / "r.csv")],
+        cases.append((["evaluate", picks, "--truth", picks, "--radius-px", "40", "--csv", str(ro / "r.csv")],
                       "no permission"))
         cases.append((["pick", str(chain / "sim/micrographs"), "-m", model, "-o", str(ro / "out")], "no permission"))
     for args, needle in cases:

@@ -385,7 +385,8 @@ def test_job_directory_reads_each_file_once_skipping_bookkeeping(tmp_path, capsy
     tables = read_coordinates(job)
     assert [(t.micrograph, len(t.coords)) for t in tables] == [
         ("MotionCorr/job002/Movies/mic001.mrc", 2), ("MotionCorr/job002/Movies/mic002.mrc", 0)]
-    assert "micrographs_selected.star" in capsys.readouterr().err  # skipped with a warning
+    assert [w for w in tables.warnings if "micrographs_selected.star" in w]  # skipped, and returned to report
+    assert capsys.readouterr().err == ""  # reading prints nothing: the command reports the warnings
 
 
 def test_relion31_suffix_node(tmp_path):
@@ -470,3 +471,16 @@ def test_dev_set_labels_truth_and_topaz():
     assert {t.micrograph: len(t.coords) for t in topaz} == {"shell_mic000": 41, "shell_mic001": 41}
     first = labels[0].coords.iloc[0]
     assert (first.x, first.y) == (1510.712, 724.778)
+
+
+def test_read_problems_are_returned_for_the_command_to_report_not_printed(tmp_path, capsys):
+    write_text(tmp_path / "mic_a.star", "data_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n10 20\nnan 5\n")
+    write_text(tmp_path / "parts.star", "data_particles\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n"
+                                        "_rlnMicrographName #3\n_rlnOriginXAngst #4\n_rlnOriginYAngst #5\n"
+                                        "100 200 mic_b.mrc 4.0 -4.0\n")
+    tables = read_coordinates(tmp_path)
+    assert sorted(_xy(t) for t in tables) == [[[10.0, 20.0]], [[100.0, 200.0]]]  # no pixel size: not re-centred
+    assert len(tables.warnings) == 2
+    assert "mic_a.star: 1 coordinate row(s) without a finite x/y" in tables.warnings[0]
+    assert "parts.star: has rlnOriginXAngst/YAngst but no pixel size" in tables.warnings[1]
+    assert capsys.readouterr().err == ""

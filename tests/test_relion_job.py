@@ -280,6 +280,8 @@ def test_parse_params_types_spellings_and_errors():
     assert parse_params(["--threshold", "--diameter", "80"]).threshold == 0.5  # an empty Params value
     with pytest.raises(Exception, match="unexpected argument"):
         parse_params(["150"])
+    assert parse_params(["--expected", "250"]).expected_particles == 250.0  # the row's old label
+    assert parse_params(["--expected-particles", "250"]).expected_particles == 250.0
 
 
 def test_cryopick_relion_entry_point_takes_relion_command_line(project):

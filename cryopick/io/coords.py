@@ -1,6 +1,7 @@
 """Reading particle coordinates: RELION STAR (per micrograph, coordinate_files lists, particles), EMAN/crYOLO
 box, crYOLO cbox (STAR and plain text), Topaz tables and cryoSPARC ``.cs`` files. Every reader returns particle
-centres in the pixels of the micrograph (x = column, y = row, 0-based), see shared/docs/formats.md sections 1-4.
+centres in the pixels of the micrograph (x = column, y = row, 0-based), see docs/formats.md. Readers do not
+print: what they skipped or dropped comes back in ``CoordinateTables.warnings`` for the command to report.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import pandas as pd
 from cryopick.errors import CryopickError, InputFileError
 from cryopick.io.cryosparc import is_cs_file, read_cs_locations
 from cryopick.io.micrographs import candidate_bases, describe_bases, read_star_blocks, resolve_data_path
-from cryopick.progress import warn
 
 COORDINATE_SUFFIXES = (".star", ".box", ".cbox", ".txt", ".tsv", ".cs")
 # RELION job bookkeeping that sits beside coordinate files in a job directory and holds no coordinates.
@@ -36,6 +36,14 @@ class CoordinateTable:
     source: Path  # file it came from
     micrograph: str | None  # micrograph named inside the file; None: matched by the file's own name
     coords: pd.DataFrame  # x, y (float64 centres, original px), score (float64, NaN when the format has none)
+
+
+class CoordinateTables(list):
+    """The tables read (a list of CoordinateTable) and ``warnings``: files skipped, rows dropped, one line each."""
+
+    def __init__(self, tables=(), warnings=()):
+        super().__init__(tables)
+        self.warnings: list[str] = list(warnings)
 
 
 class MissingCoordinatesError(InputFileError):
@@ -70,26 +78,29 @@ def _is_candidate(path: Path) -> bool:
 
 
 def read_coordinates(spec: str | Path, coord_scale: float = 1.0, *,
-                     micrograph_pixel_size: float | None = None) -> list[CoordinateTable]:
+                     micrograph_pixel_size: float | None = None) -> CoordinateTables:
     """Find and read every coordinate file of ``spec``.
 
     With several files, files without coordinate columns (a micrographs STAR in a job directory) are skipped
-    with a warning; files also listed by a coordinate_files list are read once, keeping the list's name.
+    and named in ``warnings``; files also listed by a coordinate_files list are read once, keeping the list's name.
     """
     files = find_coordinate_files(spec)
-    tables: list[CoordinateTable] = []
+    tables = CoordinateTables()
     skipped = 0
     for path in files:
         try:
-            tables += read_coordinate_file(path, coord_scale, micrograph_pixel_size=micrograph_pixel_size)
+            found = read_coordinate_file(path, coord_scale, micrograph_pixel_size=micrograph_pixel_size)
         except MissingCoordinatesError as exc:
             if len(files) == 1:
                 raise
-            warn(f"skipping {exc}")
+            tables.warnings.append(f"skipping {exc}")
             skipped += 1
+            continue
+        tables += found
+        tables.warnings += found.warnings
     if skipped == len(files):
         raise CryopickError(f"no coordinate tables found in {spec}: none of its {skipped} files holds coordinates")
-    return _without_duplicates(tables)
+    return CoordinateTables(_without_duplicates(tables), tables.warnings)
 
 
 def _without_duplicates(tables: list[CoordinateTable]) -> list[CoordinateTable]:
@@ -98,7 +109,7 @@ def _without_duplicates(tables: list[CoordinateTable]) -> list[CoordinateTable]:
 
 
 def read_coordinate_file(path: str | Path, coord_scale: float = 1.0, *,
-                         micrograph_pixel_size: float | None = None) -> list[CoordinateTable]:
+                         micrograph_pixel_size: float | None = None) -> CoordinateTables:
     """The coordinate tables in one file, centres multiplied by ``coord_scale``.
 
     ``micrograph_pixel_size`` (Å/px of the pixels the file's coordinates are in) is only used to re-centre
@@ -107,10 +118,12 @@ def read_coordinate_file(path: str | Path, coord_scale: float = 1.0, *,
     """
     if not (isinstance(coord_scale, (int, float)) and math.isfinite(coord_scale) and coord_scale > 0):
         raise CryopickError(f"coordinate scale must be a positive number, got {coord_scale!r}")
-    tables = _read_tables(Path(path), micrograph_pixel_size, allow_list=True)
+    warnings: list[str] = []
+    tables = CoordinateTables(_read_tables(Path(path), micrograph_pixel_size, True, warnings), warnings)
     dropped = sum(int(t.coords.attrs.get("dropped_nonfinite", 0)) for t in tables)
     if dropped:
-        warn(f"{path}: {dropped} coordinate row(s) without a finite x/y (NaN, inf or missing) ignored")
+        tables.warnings.append(f"{path}: {dropped} coordinate row(s) without a finite x/y (NaN, inf or missing) "
+                               "ignored")
     if coord_scale != 1.0:
         for table in tables:
             table.coords["x"] *= coord_scale
@@ -118,18 +131,20 @@ def read_coordinate_file(path: str | Path, coord_scale: float = 1.0, *,
     return tables
 
 
-def _read_tables(path: Path, pixel_size: float | None, allow_list: bool) -> list[CoordinateTable]:
+def _read_tables(path: Path, pixel_size: float | None, allow_list: bool,
+                 warnings: list[str]) -> list[CoordinateTable]:
+    """Tables in ``path``; problems that do not stop the read are appended to ``warnings``."""
     if not path.is_file():
         raise InputFileError(path, "file not found" if not path.exists() else "not a regular file")
     if path.name.startswith(_SUFFIX_NODE_PREFIX):
-        return _read_suffix_node(path)
+        return _read_suffix_node(path, warnings)
     if is_cs_file(path):  # binary numpy: before the text sniffing below
         return [CoordinateTable(path, name, coords) for name, coords in read_cs_locations(path)]
     head = _read_head(path)
     if not head.strip():
         return [CoordinateTable(path, None, empty_coords())]  # RELION's empty coordinate table is a 0-byte file
     if _looks_like_star(head):
-        return _read_star(path, pixel_size, allow_list)
+        return _read_star(path, pixel_size, allow_list, warnings)
     first = _first_content_line(head).split()
     if "x_coord" in first and "y_coord" in first:
         return _read_topaz_table(path)
@@ -164,7 +179,7 @@ def _looks_like_star(text: str) -> bool:
 
 # --- STAR ------------------------------------------------------------------------------------------------------
 
-def _read_star(path: Path, pixel_size: float | None, allow_list: bool) -> list[CoordinateTable]:
+def _read_star(path: Path, pixel_size: float | None, allow_list: bool, warnings: list[str]) -> list[CoordinateTable]:
     blocks = read_star_blocks(path)
     loops = [block for block in blocks.values() if isinstance(block, pd.DataFrame)]
     if not blocks:
@@ -173,11 +188,11 @@ def _read_star(path: Path, pixel_size: float | None, allow_list: bool) -> list[C
         if {"rlnMicrographName", "rlnMicrographCoordinates"} <= set(table.columns):
             if not allow_list:
                 raise InputFileError(path, "a coordinate_files list may not refer to another list")
-            return _read_coordinate_list(path, table, pixel_size)
+            return _read_coordinate_list(path, table, pixel_size, warnings)
     for table in loops:
         if {"rlnCoordinateX", "rlnCoordinateY"} <= set(table.columns):
             if "rlnMicrographName" in table.columns:
-                return _particle_tables(path, table, blocks.get("optics"), pixel_size)
+                return _particle_tables(path, table, blocks.get("optics"), pixel_size, warnings)
             return [CoordinateTable(path, None, _relion_centres(path, table))]
     for table in loops:
         if {"CoordinateX", "CoordinateY"} <= set(table.columns):
@@ -203,7 +218,8 @@ def _relion_score(path: Path, table: pd.DataFrame) -> np.ndarray:
     return score
 
 
-def _read_coordinate_list(path: Path, table: pd.DataFrame, pixel_size: float | None) -> list[CoordinateTable]:
+def _read_coordinate_list(path: Path, table: pd.DataFrame, pixel_size: float | None,
+                          warnings: list[str]) -> list[CoordinateTable]:
     """RELION 4/5 ``coordinate_files``: each row names a micrograph and the file holding its picks."""
     bases = candidate_bases(path)
     tables, missing = [], []
@@ -212,7 +228,7 @@ def _read_coordinate_list(path: Path, table: pd.DataFrame, pixel_size: float | N
         if resolved is None:
             missing.append(str(coordinate_file))
             continue
-        for referenced in _read_tables(resolved, pixel_size, allow_list=False):
+        for referenced in _read_tables(resolved, pixel_size, False, warnings):
             tables.append(CoordinateTable(resolved, str(micrograph).strip(), referenced.coords))
     if missing:
         shown = ", ".join(missing[:_MISSING_SHOWN]) + (", …" if len(missing) > _MISSING_SHOWN else "")
@@ -224,21 +240,23 @@ def _read_coordinate_list(path: Path, table: pd.DataFrame, pixel_size: float | N
     return tables
 
 
-def _particle_tables(path: Path, table: pd.DataFrame, optics, pixel_size: float | None) -> list[CoordinateTable]:
+def _particle_tables(path: Path, table: pd.DataFrame, optics, pixel_size: float | None,
+                     warnings: list[str]) -> list[CoordinateTable]:
     """Particles STAR (3.1+ with optics, 3.0 or Topaz ``data_images`` without): one table per micrograph."""
-    x, y = _recentred(path, table, optics, pixel_size)
+    x, y = _recentred(path, table, optics, pixel_size, warnings)
     coords = _coords_frame(x, y, _relion_score(path, table), drop_missing=False)
     return _split_by_name(path, coords, table["rlnMicrographName"])
 
 
-def _recentred(path: Path, table: pd.DataFrame, optics, pixel_size: float | None) -> tuple[np.ndarray, np.ndarray]:
+def _recentred(path: Path, table: pd.DataFrame, optics, pixel_size: float | None,
+               warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Coordinates moved by the refined origin, as RELION re-extraction does: x - ROUND(origin / pixel size)."""
     x = _numeric(path, table, "rlnCoordinateX")
     y = _numeric(path, table, "rlnCoordinateY")
     if {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(table.columns):
         pixel = _particle_pixel_sizes(table, optics, pixel_size)
         if pixel is None:
-            warn(f"{path}: has rlnOriginXAngst/YAngst but no pixel size; particles are not re-centred")
+            warnings.append(f"{path}: has rlnOriginXAngst/YAngst but no pixel size; particles are not re-centred")
             return x, y
         shift_x = np.nan_to_num(_numeric(path, table, "rlnOriginXAngst")) / pixel
         shift_y = np.nan_to_num(_numeric(path, table, "rlnOriginYAngst")) / pixel
@@ -290,14 +308,14 @@ def _cbox_centres(path: Path, table: pd.DataFrame) -> pd.DataFrame:
     return _coords_frame(x + width / 2, y + height / 2, score)
 
 
-def _read_suffix_node(path: Path) -> list[CoordinateTable]:
+def _read_suffix_node(path: Path, warnings: list[str]) -> list[CoordinateTable]:
     """RELION 3.1 ``coords_suffix<S>``: the coordinate files are ``<its directory>/**/*<S>``."""
     suffix = path.name[len(_SUFFIX_NODE_PREFIX):]
     files = sorted(p for p in path.parent.rglob(f"*{suffix}") if p != path and _is_candidate(p)
                    and not p.name.startswith(_SUFFIX_NODE_PREFIX) and not _is_coordinate_list(p))
     if not suffix or not files:
         raise InputFileError(path, f"RELION suffix file, but no coordinate files *{suffix} beside it in {path.parent}")
-    return [table for file in files for table in _read_tables(file, None, allow_list=False)]
+    return [table for file in files for table in _read_tables(file, None, False, warnings)]
 
 
 def _is_coordinate_list(path: Path) -> bool:
