@@ -1,11 +1,11 @@
 """Picking accuracy: cryopick vs Topaz (topaz-em 0.3.20) on data with known truth, plus cryopick's ablation.
 
 Not a test: runs the full chains and writes a table. For each case (simulated at several SNRs and particle
-shapes, plus ../shared/data/dev-shell when present) both pickers train on the same sparse labels:
+shapes, plus the development set dev-shell when present) both pickers train on the same sparse labels:
 
 - cryopick: extract → train (nnPU + Selective FixMatch, EMA teacher) → pick (every peak, threshold 0).
-- Topaz, its documented workflow (../shared/docs/topaz.md): preprocess -s DS → convert -s DS → train -n N →
-  extract -r R -x DS, once with its stock prior and once with the corrected prior of topaz.md (the better
+- Topaz, its documented workflow (docs/topaz.md): preprocess -s DS → convert -s DS → train -n N →
+  extract -r R -x DS, once with its stock prior and once with the corrected prior of docs/topaz.md (the better
   is Topaz's figure), and its shipped pretrained resnet16 (no training).
 
 Everything is scored by cryopick.evaluate with one radius, half the particle diameter in original pixels,
@@ -374,7 +374,7 @@ def corrected_pi(case: PreparedCase, preprocessed: list[Path], n_labels: int, ra
     """``--pi`` that makes Topaz's GE target π − p_observed equal the true unlabeled-positive fraction.
 
     Topaz 0.3.20 counts (2r+1)·disk pixels per label (a 3-D grid for a 2-D disk), so its observed positive
-    fraction is (2r+1)·p_obs; passing π_true + 2r·p_obs cancels that (../shared/docs/topaz.md).
+    fraction is (2r+1)·p_obs; passing π_true + 2r·p_obs cancels that (docs/topaz.md).
     """
     total = sum(int(np.prod(read_header(p).shape)) for p in preprocessed)
     area = disk_pixels_2d(radius)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cryopick.config import ExtractConfig
-from cryopick.extract import extract
 from cryopick.io.mrc import read_micrograph, write_mrc
 from cryopick.io.relion import write_coordinate_star
 from cryopick.preprocessing import preprocess

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install Topaz (topaz-em 0.3.20) into its own virtual environment, exactly as ../shared/docs/topaz.md
-# describes, so it runs beside our CPU torch without pulling a CUDA build into the project's environment.
+# Install Topaz (topaz-em 0.3.20) into its own virtual environment, as docs/topaz.md describes, so it runs
+# beside our CPU torch without pulling a CUDA build into the project's environment.
 #
 #   bash benchmarks/topaz_env.sh [VENV_DIR]      # default: $TOPAZ_VENV or ~/.cache/cryopick-bench/topaz-0.3.20
 #   TOPAZ_TORCH="torch==2.13.0 --index-url URL" bash benchmarks/topaz_env.sh DIR   # e.g. a CUDA build for --gpu

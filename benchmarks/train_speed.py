@@ -20,9 +20,9 @@ import torch
 
 from cryopick.config import TrainConfig
 from cryopick.data import PUBatchSampler, batch_composition
+from cryopick.device import resolve_device
 from cryopick.ema import EMATeacher
 from cryopick.model import PatchClassifier
-from cryopick.device import resolve_device
 from cryopick.train import autocast_factory, make_optimizer, make_views, optimisation_step, step_loss, to_input
 
 

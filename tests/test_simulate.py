@@ -7,7 +7,6 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pytest
 import starfile

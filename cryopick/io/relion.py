@@ -1,4 +1,4 @@
-"""Writers of the STAR files RELION reads, in RELION's own layout (see shared/docs/formats.md)."""
+"""Writers of the STAR files RELION reads, in RELION's own layout (see docs/formats.md)."""
 
 from __future__ import annotations
 
