@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-import os
-import signal
-import threading
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
 from cryopick import __version__
+from cryopick.cliutil import QUIET, default, flag, renamed_option, user_errors
 from cryopick.config import EvaluateConfig, ExtractConfig, PickConfig, TrainConfig, resolve
 from cryopick.errors import CryopickError
 
@@ -25,36 +22,6 @@ app = typer.Typer(
 )
 
 
-
-def _renamed_option(value, old_value, name: str, old_name: str):
-    """The value of an option renamed in this version, given by its new or (hidden) old name."""
-    if value is not None and old_value is not None:
-        raise CryopickError(f"give {name} or its old name {old_name}, not both")
-    return value if value is not None else old_value
-
-
-def flag(*names: str, help: str) -> bool:
-    """An on/off option shown as a flag (no value) in --help."""
-    return typer.Option(False, *names, help=help, metavar="")
-
-
-def default(cls: type, key: str) -> str:
-    """`` [default: X]`` for --help, read from the config dataclass (the one source of defaults)."""
-    from rich.markup import escape
-
-    value = cls()
-    for part in key.split("."):
-        value = getattr(value, part)
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        value = "on" if value else "off"
-    return " " + escape(f"[default: {value}]")
-
-
-QUIET = flag("--quiet", "-q", help="No progress bars or info lines (warnings and errors still print).")
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"cryopick {__version__}")
@@ -65,54 +32,6 @@ def _version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """cryopick: simulate, extract, train, pick, evaluate."""
-
-
-def user_errors(func: Callable) -> Callable:
-    """Turn CryopickError into one line on stderr and exit 1; Ctrl-C into exit 130. Never a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        from rich.markup import escape
-
-        from cryopick.progress import console
-
-        previous = _terminate_as_interrupt()
-        try:
-            return func(*args, **kwargs)
-        except CryopickError as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
-        except KeyboardInterrupt:
-            console.print("[red]interrupted[/red]")
-            raise typer.Exit(130)
-        except (typer.Exit, typer.Abort, SystemExit):
-            raise
-        except OSError as exc:  # the file system refused (permissions, full disk, a directory for a file)
-            where = f"{exc.filename}: " if exc.filename else ""
-            console.print(f"[red]error:[/red] {escape(where + (exc.strerror or str(exc)))}", highlight=False)
-            raise typer.Exit(1)
-        except Exception as exc:  # a bug, not bad input: still one line, the traceback on request
-            if os.environ.get("CRYOPICK_DEBUG"):
-                raise
-            console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
-                          "(please report it; set CRYOPICK_DEBUG=1 for the traceback)", highlight=False)
-            raise typer.Exit(2)
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-
-    return wrapper
-
-
-def _terminate_as_interrupt():
-    """SIGTERM (cluster schedulers, kill) unwinds like Ctrl-C, so partial outputs are cleaned up."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, interrupt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +268,7 @@ def pick(
     from cryopick.pick import pick as run
 
     overrides = {"threshold": threshold, "radius": radius, "radius_px": radius_px, "suffix": suffix, "edge": edge,
-                 "max_picks": max_picks, "expected_particles": _renamed_option(expected_particles, expected_old,
+                 "max_picks": max_picks, "expected_particles": renamed_option(expected_particles, expected_old,
                                                                         "--expected-particles", "--expected"),
                  "shard": shard, "preview": preview, "device": device,
                  "batch_size": batch_size, "tile_size": tile_size, "pixel_size": pixel_size,
@@ -396,7 +315,7 @@ def evaluate(
     from cryopick.fsutil import check_output_file
     from cryopick.progress import console
 
-    radius_px = _renamed_option(radius_px, radius_old, "--radius-px", "--radius")
+    radius_px = renamed_option(radius_px, radius_old, "--radius-px", "--radius")
     validate(EvaluateConfig(radius_px=radius_px, diameter=diameter, pixel_size=pixel_size, threshold=threshold,
                             method=method, coord_scale=coord_scale, split=split, device=device))
     for path, option in ((json_out, "--json"), (csv_out, "--csv"), (plot, "--plot")):

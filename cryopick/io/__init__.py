@@ -1,1 +1,2 @@
-"""File I/O: MRC micrographs, coordinate formats (RELION STAR, box, cbox, Topaz), name matching."""
+"""File I/O: MRC micrographs, coordinate formats (RELION STAR, box, cbox, Topaz, cryoSPARC), name matching, RELION
+writers. Readers never print: what they skip or drop comes back to the command, which reports it."""
