@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--with-count", action="store_true", help="give train the true particle count")
-    ap.add_argument("--expected", type=float, help="give train this particle count per micrograph")
+    ap.add_argument("--expected-particles", "--expected", dest="expected", type=float,
+                    help="give train this particle count per micrograph")
     args = ap.parse_args(argv)
     rows = []
     for case_dir in args.cases:

@@ -33,7 +33,7 @@ timeout 200 python3 -m cryopick train --data-dir "$R/ds" --exp-name gpu --output
 te=$(date +%s)
 timeout 60 python3 -m cryopick pick "$R/sim/micrographs.star" --model "$R/exp/gpu/checkpoints/best.pt" --out "$R/picks" \
   --device cuda -q 2>&1 | tail -3
-python3 -m cryopick evaluate "$R/picks" --truth "$R/sim/truth" --radius 40 --json "$R/eval.json" -q | tee "$W/eval.txt"
+python3 -m cryopick evaluate "$R/picks" --truth "$R/sim/truth" --radius-px 40 --json "$R/eval.json" -q | tee "$W/eval.txt"
 
 echo
 echo "==================== cryopick GPU check ($(cat "$W/gpu.txt"), $(date -u +%F)) ===================="

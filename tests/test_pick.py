@@ -544,7 +544,7 @@ def test_unreadable_micrographs_are_skipped_and_all_failed_is_an_error(tmp_path,
 
 
 def test_extra_outputs_box_topaz_particles_and_preview(relion_project, blob_checkpoint):
-    config = quiet_config(write_box=True, write_topaz=True, write_particles=True, preview=1, expected=1.0)
+    config = quiet_config(write_box=True, write_topaz=True, write_particles=True, preview=1, expected_particles=1.0)
     summary = pick("micrographs.star", blob_checkpoint, "out", config, quiet=True)
     out = relion_project / "out"
     found = read_coordinate_star(out / "Movies/mic001_cryopick.star")

@@ -122,6 +122,6 @@ def test_train_summary_and_next_step():
     cmd, hint = next_steps_train(Path("experiments/run1/checkpoints/best.pt"), "CtfFind/job003/micrographs_ctf.star")
     assert cmd == ("next: cryopick pick CtfFind/job003/micrographs_ctf.star --model "
                    "experiments/run1/checkpoints/best.pt --out picks/ --preview 3")
-    assert "--expected N" in hint and "--threshold" in hint
+    assert "--expected-particles N" in hint and "--threshold" in hint
     cmd, _ = next_steps_train(Path("e/best.pt"), None)
     assert cmd == "next: cryopick pick MICROGRAPHS --model e/best.pt --out picks/ --preview 3"
