@@ -9,7 +9,7 @@ shapes, plus the development set dev-shell when present) both pickers train on t
   is Topaz's figure), and its shipped pretrained resnet16 (no training).
 
 Everything is scored by cryopick.evaluate with one radius, half the particle diameter in original pixels,
-on every micrograph (labelled ones included, as both pickers train on them as unlabeled data too) and
+on every micrograph (labeled ones included, as both pickers train on them as unlabeled data too) and
 separately on the micrographs without labels. The ablation (selective vs all vs none, with/without the
 EMA teacher) runs on one case with the same data and budget.
 
@@ -137,7 +137,7 @@ class PreparedCase:
     labels: Path  # directory of STAR files (cryopick)
     labels_topaz: Path  # Topaz table, original px
     truth: Path
-    truth_unlabelled: Path  # truth of the micrographs without labels only
+    truth_unlabeled: Path  # truth of the micrographs without labels only
     diameter_A: float
     pixel_size: float
     n_micrographs: int
@@ -178,10 +178,10 @@ def write_topaz_labels(labels: Path, path: Path) -> int:
     return len(rows) - 1
 
 
-def write_unlabelled_truth(truth: Path, labelled: set[str], out: Path) -> Path:
+def write_unlabeled_truth(truth: Path, labeled: set[str], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for star in sorted(truth.glob("*.star")):
-        if star.stem not in labelled:
+        if star.stem not in labeled:
             shutil.copyfile(star, out / star.name)
     return out
 
@@ -195,26 +195,26 @@ def prepare_simulated(case: SimCase, profile: Profile, root: Path) -> PreparedCa
     if not info.get("complete") or info.get("params", {}).get("n_micrographs") != params.n_micrographs:
         info = simulate(out, params, quiet=True, overwrite=True)
     n_labels = write_topaz_labels(out / "labels", out / "labels_topaz.txt")
-    labelled = set(_labels_by_micrograph(out / "labels"))
+    labeled = set(_labels_by_micrograph(out / "labels"))
     return PreparedCase(
         name=case.name, note=case.note, micrographs=str(out / "micrographs.star"),
         mrc_paths=sorted((out / "micrographs").glob("*.mrc")), labels=out / "labels",
         labels_topaz=out / "labels_topaz.txt", truth=out / "truth",
-        truth_unlabelled=write_unlabelled_truth(out / "truth", labelled, out / "truth_unlabelled"),
+        truth_unlabeled=write_unlabeled_truth(out / "truth", labeled, out / "truth_unlabeled"),
         diameter_A=params.diameter, pixel_size=params.pixel_size, n_micrographs=params.n_micrographs,
         n_truth=int(info["counts"]["n_particles"]), n_labels=n_labels)
 
 
 def prepare_dev(root: Path) -> PreparedCase:
     info = json.loads((SHARED_DEV / "case.json").read_text())
-    labelled = set(info["labels"]["labelled_micrographs"])
+    labeled = set(info["labels"]["labelled_micrographs"])
     return PreparedCase(
         name=DEV_CASE, note=info.get("note", "independent dev set"),
         micrographs=str(SHARED_DEV / "micrographs_ctf.star"),
         mrc_paths=sorted((SHARED_DEV / "micrographs").glob("*.mrc")), labels=SHARED_DEV / "labels",
         labels_topaz=SHARED_DEV / "labels_topaz.txt", truth=SHARED_DEV / "truth",
-        truth_unlabelled=write_unlabelled_truth(SHARED_DEV / "truth", labelled,
-                                                root / "data" / DEV_CASE / "truth_unlabelled"),
+        truth_unlabeled=write_unlabeled_truth(SHARED_DEV / "truth", labeled,
+                                                root / "data" / DEV_CASE / "truth_unlabeled"),
         diameter_A=float(info["particle"]["diameter_A"]), pixel_size=float(info["pixel_size_A"]),
         n_micrographs=int(info["n_micrographs"]), n_truth=int(info["counts"]["n_truth_total"]),
         n_labels=int(info["counts"]["n_labels_total"]))
@@ -259,7 +259,7 @@ class Result:
     case: str
     method: str
     ap: float = math.nan
-    ap_unlabelled: float = math.nan
+    ap_unlabeled: float = math.nan
     best_f1: float = math.nan
     best_threshold: float = math.nan
     precision: float = math.nan  # at the method's default threshold
@@ -279,8 +279,8 @@ def score(result: Result, case: PreparedCase, picks: Path, threshold: float) -> 
     o = report.overall
     result.ap, result.best_f1, result.best_threshold = o["ap"], o["best_f1"], o["best_threshold"]
     result.precision, result.recall, result.n_picks = o["precision"], o["recall"], o["n_picks"]
-    if any(case.truth_unlabelled.glob("*.star")):
-        result.ap_unlabelled = evaluate(picks, case.truth_unlabelled, case.radius_px).overall["ap"]
+    if any(case.truth_unlabeled.glob("*.star")):
+        result.ap_unlabeled = evaluate(picks, case.truth_unlabeled, case.radius_px).overall["ap"]
     return result
 
 
@@ -499,7 +499,7 @@ TABLE_HEAD = ("| case | method | AP | AP unlab. mics | best F1 (at score) | P / 
 def table_row(r: Result) -> str:
     if r.error:
         return f"| {r.case} | {r.method} | failed | | | | | | | {r.budget} | {r.error} |"
-    return (f"| {r.case} | {r.method} | {_f(r.ap)} | {_f(r.ap_unlabelled)} | {_f(r.best_f1)} ({_f(r.best_threshold, '.2f')}) "
+    return (f"| {r.case} | {r.method} | {_f(r.ap)} | {_f(r.ap_unlabeled)} | {_f(r.best_f1)} ({_f(r.best_threshold, '.2f')}) "
             f"| {_f(r.precision)} / {_f(r.recall)} ({r.default_threshold}) | {r.n_picks} | {_f(r.wall_s, '.0f')} "
             f"| {_f(r.cpu_s, '.0f')} | {r.budget} | {r.note} |")
 
@@ -577,7 +577,7 @@ def render_section(results: list[Result], cases: list[PreparedCase], profile: Pr
     lines += ["", TABLE_HEAD] + [table_row(r) for r in results] + [""]
     lines += verdicts(results, [c.name for c in cases]) + [""]
     lines += [
-        "How to read it: AP and best F1 rank every pick of every micrograph (labelled ones included) against the "
+        "How to read it: AP and best F1 rank every pick of every micrograph (labeled ones included) against the "
         "full truth with one-to-one matching within half the particle diameter (cryopick.evaluate); "
         "\"AP unlab. mics\" is the same on the micrographs that had no labels. P/R at default: cryopick at "
         "p = 0.5, Topaz at logit 0 (its p = 0.5); best F1's threshold is in each method's own score units "
@@ -616,7 +616,8 @@ def resume_state(work: Path, profile: Profile, started: str, command: str) -> tu
         return [], started, 0.0, command
     if meta.get("profile") != profile.name:
         sys.exit(f"--resume: {work} holds a '{meta.get('profile')}' run, not '{profile.name}'")
-    kept = [Result(**r) for r in rows if not r.get("error")]
+    renamed = {"ap_unlabelled": "ap_unlabeled"}  # results.json of runs before the spelling change
+    kept = [Result(**{renamed.get(k, k): v for k, v in r.items()}) for r in rows if not r.get("error")]
     return kept, meta["started"], float(meta["elapsed_s"]), f"{meta['command']}; then {command}"
 
 
@@ -632,7 +633,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--skip-ablation", action="store_true")
     ap.add_argument("--balanced-prior", type=float, default=None,
                     help="cryopick loss.balanced_prior π' for every cryopick row (default: cryopick's own default); "
-                         "the rows are labelled with it")
+                         "the rows are labeled with it")
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished rows of OUT/results.json (same profile) and run only the missing ones")
     ap.add_argument("--results", default=None,

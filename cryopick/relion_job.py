@@ -11,7 +11,7 @@ azazellochg/relion-external-jobs ``external_job_cryolo.py`` and DiamondLightSour
   Abort, RELION creates ``RELION_JOB_ABORT_NOW``; the job stops, removes it and writes ``RELION_JOB_EXIT_ABORTED``.
 - ``RELION_OUTPUT_NODES.star`` (block ``output_nodes``) declares the outputs. RELION 4/5 read
   ``rlnPipeLineNodeName`` + ``rlnPipeLineNodeTypeLabel``; a picker's node is its ``coordinate_files`` list
-  labelled ``LABEL_AUTOPICK_COORDS`` of ``pipeline_jobs.h`` (AutoPick writes ``AutoPick/jobNNN/autopick.star``
+  labeled ``LABEL_AUTOPICK_COORDS`` of ``pipeline_jobs.h`` (AutoPick writes ``AutoPick/jobNNN/autopick.star``
   with it): ``MicrographsCoords.star.relion.autopick`` in RELION 4.0, ``MicrographCoordsGroup.star.relion.autopick``
   in 5.0, whose node types were renamed (``MicrographGroupMetadata``, ``ParticleGroupMetadata``, ...). The GUI
   lists a node as coordinates by that type name. RELION 3.1 reads ``rlnPipeLineNodeName`` + the integer
