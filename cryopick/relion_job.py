@@ -366,7 +366,7 @@ def relion_version(project_dir: Path, setting: str = "auto") -> int:
 
 def write_relion_outputs(inputs: RelionJobInputs, version_setting: str = "auto") -> list[Path]:
     """``autopick.star`` for every micrograph whose coordinate file exists, and ``RELION_OUTPUT_NODES.star``."""
-    from cryopick.pick import coordinate_file_name
+    from cryopick.io.outputs import coordinate_file_name
 
     job_dir = _job_dir(inputs)
     rows = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_pick import RECORD, blob_detector, blob_image, save_model, single_torch_thread  # noqa: F401 (fixture)
 
 from cryopick.config import PickConfig
 from cryopick.errors import InputFileError
@@ -12,8 +13,8 @@ from cryopick.io.cryosparc import read_cs_locations, write_cs
 from cryopick.io.matching import match_coordinates
 from cryopick.io.micrographs import find_micrographs
 from cryopick.io.mrc import write_mrc
-from cryopick.pick import pick, read_coordinate_star
-from test_pick import RECORD, blob_detector, blob_image, save_model, single_torch_thread  # noqa: F401 (fixture)
+from cryopick.io.outputs import read_coordinate_star
+from cryopick.pick import pick
 
 UID = "012345678901234567"
 

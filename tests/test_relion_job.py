@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import starfile
+from test_pick import RECORD, blob_detector, blob_image, save_model, single_torch_thread  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
 from cryopick import pick as pick_module
 from cryopick.cli import app
 from cryopick.io.mrc import write_mrc
+from cryopick.io.outputs import read_coordinate_star
 from cryopick.io.relion import star_loop, write_coordinate_files_list, write_coordinate_star, write_micrographs_star
-from cryopick.pick import read_coordinate_star
 from cryopick.relion_job import (
     ABORT_NOW,
     EXIT_ABORTED,
@@ -38,7 +39,6 @@ from cryopick.relion_job import (
     write_relion_outputs,
 )
 from cryopick.train import StopRequest
-from test_pick import RECORD, blob_detector, blob_image, save_model, single_torch_thread  # noqa: F401 (fixture)
 
 JOB = "External/job005/"
 MICS_STAR = "CtfFind/job003/micrographs_ctf.star"
