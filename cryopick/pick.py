@@ -37,7 +37,9 @@ from cryopick.io.outputs import (
     plan_outputs,
     preview_file_name,
     producer_record,
+    promote_staged,
     same_producer,
+    staging_dir,
     write_extra_formats,
     write_list_files,
 )
@@ -56,7 +58,6 @@ from cryopick.progress import console, info, progress_bar, warn
 from cryopick.report import next_steps_pick, pick_count_lines, pick_counts
 
 PIXEL_SIZE_TOLERANCE = 1e-3  # relative difference below which pixel sizes count as equal
-STAGING_PREFIX = ".cryopick_pick.staging"
 # the settings that change which picks are written: a rerun into the same --out must use the same ones
 PROVENANCE_KEYS = ("threshold", "radius", "radius_px", "edge", "max_picks", "pixel_size", "suffix")
 
@@ -231,7 +232,7 @@ def _prepare_outputs(model: str | Path, config: PickConfig, out_root: Path, plan
     ledger = OutputLedger(out_root, shard)
     producer = producer_record(model, {k: getattr(config, k) for k in PROVENANCE_KEYS})
     _refuse_mixing(ledger, producer, config.overwrite, out_root)
-    discard_dir(_staging_dir(out_root, shard))  # left by a killed --overwrite run
+    discard_dir(staging_dir(out_root, shard))  # left by a killed --overwrite run
     my_plans = [p for p in plans if p.entry.name in my_names]
     todo = [p for p in my_plans if config.overwrite or not (out_root / p.star).exists()]
     preview_stars = {p.star for p in todo[: config.preview]}
@@ -254,10 +255,6 @@ def _refuse_mixing(ledger: OutputLedger, producer: dict, overwrite: bool, out_ro
             "aside and replace the old only when the run succeeds), or choose another --out")
 
 
-def _staging_dir(out_root: Path, shard: tuple[int, int]) -> Path:
-    return out_root / f"{STAGING_PREFIX}-{shard[0]}-of-{shard[1]}"
-
-
 def _pick_aside(todo: list[PlannedMicrograph], scorer: DenseScorer, record: PreprocessRecord, config: PickConfig,
                 out_root: Path, state: _RunState, ledger: OutputLedger, producer: dict, shard: tuple[int, int],
                 quiet: bool, stop: Callable[[], bool] | None = None) -> None:
@@ -266,21 +263,15 @@ def _pick_aside(todo: list[PlannedMicrograph], scorer: DenseScorer, record: Prep
     A failed or interrupted run leaves the old picks untouched; old coordinate files of micrographs that
     failed this time are removed, so no file of the previous model stays behind.
     """
-    stage = _staging_dir(out_root, shard).resolve()
+    stage = staging_dir(out_root, shard).resolve()
     stage.mkdir()
     try:
         _pick_all(todo, scorer, record, config, stage, state, quiet, stop)
         if not state.summary.counts or state.summary.stopped:
             return  # every micrograph failed (pick() reports it) or the run was stopped: the old picks stay
         ledger.set_producer(None)  # between old and new: a rerun without --overwrite must not resume
-        for path in sorted(p for p in stage.rglob("*") if p.is_file()):
-            target = out_root / path.relative_to(stage)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
-        for plan in todo:
-            if plan.entry.name not in state.summary.counts:
-                for stale in (plan.star, plan.box, preview_file_name(plan.star)):
-                    (out_root / stale).unlink(missing_ok=True)
+        failed = [plan for plan in todo if plan.entry.name not in state.summary.counts]
+        promote_staged(stage, out_root, [f for p in failed for f in (p.star, p.box, preview_file_name(p.star))])
         ledger.set_producer(producer)
         state.summary.outputs = [out_root / p.relative_to(stage) for p in state.summary.outputs]
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable
@@ -37,6 +38,7 @@ MARKER_NAME = ".cryopick_pick.json"
 MARKER_GLOB = ".cryopick_pick*.json"
 CONFIG_NAME = "pick_config.yaml"
 PREVIEW_DIR = "preview"
+STAGING_PREFIX = ".cryopick_pick.staging"
 
 # ---------------------------------------------------------------------------------------------
 # names
@@ -191,6 +193,21 @@ class OutputLedger:
     def _write(self) -> None:
         write_json_atomic(self.path, {"written_by": "cryopick pick", "cryopick_version": __version__,
                                       "produced_by": self.my_producer, "files": sorted(self.mine)})
+
+
+def staging_dir(out_root: Path, shard: tuple[int, int]) -> Path:
+    """Where an --overwrite run of ``shard`` builds its files before they replace the old ones."""
+    return out_root / f"{STAGING_PREFIX}-{shard[0]}-of-{shard[1]}"
+
+
+def promote_staged(stage: Path, out_root: Path, stale: Iterable[str]) -> None:
+    """Move every file built in ``stage`` over its counterpart in ``out_root``; remove the ``stale`` files."""
+    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+        target = out_root / path.relative_to(stage)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    for relative in stale:
+        (out_root / relative).unlink(missing_ok=True)
 
 
 def _read_marker(path: Path) -> tuple[set[str], dict | None]:
