@@ -20,11 +20,12 @@ import torch
 
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.evaluate import evaluate_coordinates
+from cryopick.inference import MapGeometry, dense_score_map, reflect_pad
 from cryopick.io.coords import read_coordinates
 from cryopick.io.matching import match_coordinates
 from cryopick.io.micrographs import find_micrographs
 from cryopick.io.mrc import read_header, read_micrograph
-from cryopick.pick import MapGeometry, candidate_picks, dense_score_map, reflect_pad
+from cryopick.nms import candidate_picks
 from cryopick.preprocessing import micrograph_factor, preprocess
 
 

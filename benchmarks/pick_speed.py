@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryopick.checkpoint import save_checkpoint  # noqa: E402
 from cryopick.config import PickConfig  # noqa: E402
-from cryopick.device import resolve_device  # noqa: E402
+from cryopick.device import autocast_factory, channels_last, resolve_device  # noqa: E402
+from cryopick.inference import reflect_pad  # noqa: E402
 from cryopick.io.mrc import read_micrograph, write_mrc  # noqa: E402
 from cryopick.model import PatchClassifier  # noqa: E402
-from cryopick.pick import pick, reflect_pad  # noqa: E402
+from cryopick.pick import pick  # noqa: E402
 from cryopick.preprocessing import PreprocessRecord, preprocess  # noqa: E402
 
 
@@ -70,13 +71,11 @@ def time_floor(paths: list[Path], model: PatchClassifier, factor: float, device:
                ) -> tuple[float, float]:
     """Seconds per micrograph (read + preprocess, backbone forward on the unpadded binned image), serially."""
     loading = forward = 0.0
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast_factory(device.type == "cuda")():
         for path in paths:
             start = time.perf_counter()
             binned, _ = preprocess(read_micrograph(path), factor)
-            x = binned[None, None].to(device)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = channels_last(binned[None, None].to(device), device.type == "cuda")
             synchronise(device)
             middle = time.perf_counter()
             model.backbone(x)
@@ -98,23 +97,15 @@ def time_windows(path: Path, model: PatchClassifier, factor: float, device: torc
     chosen = rng.choice(total, size=min(n_windows, total), replace=False)
     centres = [(k // cols * stride, k % cols * stride) for k in chosen]
     start = time.perf_counter()
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast_factory(device.type == "cuda")():
         for k in range(0, len(centres), batch):
             chunk = centres[k: k + batch]
             patches = torch.stack([padded[cy: cy + patch_size, cx: cx + patch_size] for cy, cx in chunk])
-            x = patches[:, None].to(device)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = channels_last(patches[:, None].to(device), device.type == "cuda")
             model(x)
         synchronise(device)
     seconds = time.perf_counter() - start
     return seconds / len(centres) * total, total
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 def main(argv=None) -> None:
@@ -152,9 +143,7 @@ def main(argv=None) -> None:
         rss_after_pick = max_rss_mib()
         cuda_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
-        model = model.to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        model = channels_last(model.to(device), device.type == "cuda")
         load_seconds, forward_seconds = time_floor(paths, model, record.bin_factor, device)
         floor_seconds = load_seconds + forward_seconds
         window_seconds, total_windows = time_windows(paths[0], model, record.bin_factor, device, n_windows)

@@ -19,7 +19,8 @@ from cryopick.data import load_labelled_micrographs
 from cryopick.errors import CryopickError
 from cryopick.evaluate import match_picks
 from cryopick.fsutil import save_torch_atomic
-from cryopick.pick import DenseScorer, MapGeometry, candidate_picks
+from cryopick.inference import DenseScorer, MapGeometry
+from cryopick.nms import candidate_picks
 
 
 def peak_scores(model, micrographs: list[dict], pad: int, radius_px: float, device: torch.device,

@@ -1,13 +1,17 @@
-"""Choosing the torch device, the same way for train and pick (torchrun-aware)."""
+"""The torch device and how models run on it, the same way for train and pick: device choice (torchrun-aware),
+bf16 autocast and channels-last memory (both only on CUDA)."""
 
 from __future__ import annotations
 
 import os
+from typing import Callable, ContextManager, TypeVar
 
 import torch
 
 from cryopick.errors import CryopickError
 from cryopick.progress import warn
+
+T = TypeVar("T", torch.Tensor, torch.nn.Module)
 
 
 def resolve_device(name: str, environ=os.environ) -> torch.device:
@@ -23,3 +27,19 @@ def resolve_device(name: str, environ=os.environ) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise CryopickError(f"unknown device '{name}' (auto, cpu, cuda or cuda:N)") from None
+
+
+def autocast_factory(bf16: bool) -> Callable[[], ContextManager]:
+    """A context-manager factory: bf16 autocast on CUDA, or a disabled one."""
+    if bf16:
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return lambda: torch.autocast("cpu", enabled=False)
+
+
+def channels_last(x: T, enabled: bool) -> T:
+    """A model or an NCHW batch in channels-last memory when ``enabled`` (faster convolutions on CUDA)."""
+    if not enabled:
+        return x
+    if isinstance(x, torch.nn.Module):
+        return x.to(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last)

@@ -1,15 +1,25 @@
-"""Peaks of a score map and greedy non-maximum suppression of picks.
+"""Picks from a score map: peaks, sub-sample refinement, greedy NMS, edge exclusion and thresholding.
 
 Pick works on the logit map of the dense classifier: local maxima are candidate particles, a
 quadratic fit on each maximum's 3×3 neighbourhood refines its position below the map's stride,
-and greedy NMS in original micrograph pixels keeps one pick per particle.
+and greedy NMS in original micrograph pixels keeps one pick per particle. Numpy only: the map's
+geometry (``cryopick.inference.MapGeometry``) says where its samples lie.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
+from scipy.special import expit
+
+if TYPE_CHECKING:
+    from cryopick.inference import MapGeometry
+
+HISTOGRAM_BINS = 10
 
 
 def local_maxima(score_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,3 +104,77 @@ def greedy_nms(x: np.ndarray, y: np.ndarray, scores: np.ndarray, radius: float) 
         kept.append(index)
         suppressed[tree.query_ball_point(points[index], within)] = True
     return np.asarray(kept, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# picks from one score map
+
+
+@dataclass(frozen=True)
+class Picks:
+    """Centres in original pixels (x = column, y = row) and probabilities, best first."""
+
+    x: np.ndarray
+    y: np.ndarray
+    score: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    def take(self, index) -> "Picks":
+        return Picks(self.x[index], self.y[index], self.score[index])
+
+
+def candidate_picks(logits: np.ndarray, geometry: MapGeometry, binned_shape: tuple[int, int],
+                    shape: tuple[int, int], radius_px: float, edge: float = 0.0) -> Picks:
+    """Every peak of the map inside the micrograph and ``edge`` px from its border, after NMS.
+
+    Thresholding afterwards gives the same picks as thresholding first: greedy NMS only lets a
+    pick be suppressed by a better one.
+    """
+    rows, cols = local_maxima(logits)
+    y_binned, x_binned = geometry.to_binned(rows, cols)
+    inside = (y_binned >= 0) & (y_binned < binned_shape[0]) & (x_binned >= 0) & (x_binned < binned_shape[1])
+    rows, cols = rows[inside], cols[inside]
+    drow, dcol = refine_peaks(logits, rows, cols)
+    x, y = geometry.to_original(rows + drow, cols + dcol)
+    # RELION's Extract truncates coordinates to integers; rounding here centres its boxes on the nearest pixel
+    x = np.clip(np.rint(x), 0, shape[1] - 1)
+    y = np.clip(np.rint(y), 0, shape[0] - 1)
+    score = expit(logits[rows, cols].astype(np.float64))
+    away = away_from_edges(x, y, shape, edge)
+    candidates = Picks(x[away], y[away], score[away])
+    return candidates.take(greedy_nms(candidates.x, candidates.y, candidates.score, radius_px))
+
+
+def away_from_edges(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], edge: float) -> np.ndarray:
+    """Mask of centres whose RELION box of edge ``2·edge`` lies inside the micrograph.
+
+    RELION cuts ``x − B/2 … x + B/2 − 1``, so a box of B = 2·edge fits for ``edge ≤ x ≤ nx − edge``.
+    """
+    return (x >= edge) & (x <= shape[1] - edge) & (y >= edge) & (y <= shape[0] - edge)
+
+
+# ---------------------------------------------------------------------------------------------
+# thresholds
+
+
+def select_picks(candidates: Picks, threshold: float, max_picks: int | None = None) -> Picks:
+    """Candidates (best first) with probability ≥ ``threshold``, at most ``max_picks`` of them."""
+    kept = candidates.take(candidates.score >= threshold)
+    return kept.take(slice(0, max_picks)) if max_picks is not None else kept
+
+
+def threshold_for_expected(scores: np.ndarray, n_micrographs: int, expected: float) -> float | None:
+    """Probability threshold giving about ``expected`` picks per micrograph over ``scores``."""
+    wanted = int(round(expected * n_micrographs))
+    if n_micrographs == 0 or wanted <= 0 or len(scores) == 0:
+        return None
+    ordered = np.sort(np.asarray(scores))[::-1]
+    return float(ordered[min(wanted, len(ordered)) - 1])
+
+
+def score_histogram(scores: np.ndarray) -> list[int]:
+    """Candidates per 0.1 of probability (``HISTOGRAM_BINS`` bins over [0, 1])."""
+    counts, _ = np.histogram(np.asarray(scores, dtype=np.float64), bins=HISTOGRAM_BINS, range=(0.0, 1.0))
+    return [int(c) for c in counts]

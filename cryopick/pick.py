@@ -1,279 +1,69 @@
-"""``cryopick pick``: dense scoring of whole micrographs, peaks, NMS, RELION coordinate files.
-
-Each micrograph gets the checkpoint's own preprocessing (binning to the trained binned pixel
-size, normalisation), is reflect-padded by half a patch (as extract pads edge patches) and scored
-once by the classifier's fully convolutional ``score_map``. Map sample ``(i, j)`` is the logit of
-the patch centred on binned pixel ``(i·OS − pad, j·OS − pad)``, i.e. original pixel
-``x = (j·OS − pad)·sx``. Local maxima of the map, refined below the stride by a quadratic fit, are
-thresholded on probability σ(logit) and thinned by greedy NMS in original pixels.
-
-Output directory layout (RELION 3.1/4/5, see docs/formats.md):
-``<post of rlnMicrographName without extension>_<suffix>.star`` per micrograph (0 bytes when empty),
-``coords_suffix_<suffix>.star`` (3.1 suffix node: the micrographs STAR's path), and
-``coordinates_<suffix>.star`` (4/5 ``coordinate_files`` list for ``--coord_list``).
+"""``cryopick pick``: the run. Load and preprocess each micrograph as training did, score it densely
+(``cryopick.inference``), keep its peaks (``cryopick.nms``) and write RELION coordinate files
+(``cryopick.io.outputs``); shards, reruns and ``--overwrite`` compose in one output directory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import json
-import math
 import os
 import re
 import time
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
-import pandas as pd
 import torch
-import torch.nn.functional as F
 from rich.table import Table
-from scipy.special import expit
 
-from cryopick import __version__
 from cryopick.calibrate import Calibration
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.config import PickConfig, dump_yaml, validate
 from cryopick.device import resolve_device
 from cryopick.errors import CryopickError, InputFileError
-from cryopick.fsutil import check_output_dir, discard_dir, safe_join, write_json_atomic, write_text_atomic
-from cryopick.io.cryosparc import write_cs
-from cryopick.io.micrographs import MicrographEntry, find_micrographs, read_star_blocks
+from cryopick.fsutil import check_output_dir, discard_dir, safe_join, write_text_atomic
+from cryopick.inference import DenseScorer, LoadedMicrograph, LoadFailure, iter_batches, iter_loaded
+from cryopick.io.micrographs import MicrographEntry, find_micrographs
 from cryopick.io.mrc import read_header, read_micrograph
-from cryopick.io.relion import (
-    relion_post,
-    star_loop,
-    write_box,
-    write_coordinate_files_list,
-    write_coordinate_star,
-    write_micrographs_star,
-    write_topaz_table,
+from cryopick.io.outputs import (
+    CONFIG_NAME,
+    ListFiles,
+    OutputFormats,
+    OutputLedger,
+    PlannedMicrograph,
+    dotdot_names,
+    plan_outputs,
+    preview_file_name,
+    producer_record,
+    promote_staged,
+    same_producer,
+    staging_dir,
+    write_extra_formats,
+    write_list_files,
 )
-from cryopick.model import PatchClassifier
-from cryopick.nms import greedy_nms, local_maxima, refine_peaks
+from cryopick.io.relion import write_coordinate_star
+from cryopick.nms import (
+    HISTOGRAM_BINS,
+    Picks,
+    candidate_picks,
+    score_histogram,
+    select_picks,
+    threshold_for_expected,
+)
 from cryopick.preprocessing import PreprocessRecord, micrograph_factor, preprocess
 from cryopick.preview import preview_image, write_png
 from cryopick.progress import console, info, progress_bar, warn
 from cryopick.report import next_steps_pick, pick_count_lines, pick_counts
 
-MARKER_NAME = ".cryopick_pick.json"
-MARKER_GLOB = ".cryopick_pick*.json"
-CONFIG_NAME = "pick_config.yaml"
-PREVIEW_DIR = "preview"
-HISTOGRAM_BINS = 10
 PIXEL_SIZE_TOLERANCE = 1e-3  # relative difference below which pixel sizes count as equal
-STAGING_PREFIX = ".cryopick_pick.staging"
 # the settings that change which picks are written: a rerun into the same --out must use the same ones
 PROVENANCE_KEYS = ("threshold", "radius", "radius_px", "edge", "max_picks", "pixel_size", "suffix")
 
 
 # ---------------------------------------------------------------------------------------------
-# geometry: score-map samples ↔ original micrograph pixels
-
-
-@dataclass(frozen=True)
-class MapGeometry:
-    """Where score-map samples of one micrograph lie: sample (i, j) ↔ binned (i·OS − pad, j·OS − pad)."""
-
-    output_stride: int
-    pad: int  # binned px of reflection padding on each side
-    scales: tuple[float, float]  # (sy, sx): original px per binned px, from preprocess
-
-    def to_original(self, rows, cols) -> tuple[np.ndarray, np.ndarray]:
-        """Original-pixel centres ``(x, y)`` of (fractional) map indices."""
-        sy, sx = self.scales
-        x_binned = np.asarray(cols, dtype=np.float64) * self.output_stride - self.pad
-        y_binned = np.asarray(rows, dtype=np.float64) * self.output_stride - self.pad
-        return x_binned * sx, y_binned * sy
-
-    def to_map(self, x, y) -> tuple[np.ndarray, np.ndarray]:
-        """Fractional map indices ``(rows, cols)`` of original-pixel centres (inverse of ``to_original``)."""
-        sy, sx = self.scales
-        rows = (np.asarray(y, dtype=np.float64) / sy + self.pad) / self.output_stride
-        cols = (np.asarray(x, dtype=np.float64) / sx + self.pad) / self.output_stride
-        return rows, cols
-
-
-def receptive_field(model: PatchClassifier) -> int:
-    """Input pixels one score-map sample sees (main path of the backbone; shortcuts see less)."""
-    size, jump = 1, 1
-    for name, module in model.backbone.named_modules():
-        if ".shortcut" in name or not isinstance(module, (torch.nn.Conv2d, torch.nn.MaxPool2d)):
-            continue
-        kernel, dilation, stride = (_first(getattr(module, a)) for a in ("kernel_size", "dilation", "stride"))
-        size += (kernel - 1) * dilation * jump
-        jump *= stride
-    return size
-
-
-def _first(value) -> int:
-    return int(value[0] if isinstance(value, (tuple, list)) else value)
-
-
-def tile_margin(model: PatchClassifier) -> int:
-    """Context each tile needs beyond the samples it keeps: half the receptive field, on the stride grid."""
-    stride = model.output_stride
-    half = math.ceil((receptive_field(model) - 1) / 2)
-    return stride * math.ceil(half / stride)
-
-
-# ---------------------------------------------------------------------------------------------
-# dense scoring
-
-
-def reflect_pad(binned: torch.Tensor, pad: int) -> torch.Tensor:
-    """``(N, 1, H, W)`` padded by reflection without edge repeat (numpy's ``mode="reflect"``)."""
-    if min(binned.shape[-2:]) <= pad:
-        raise CryopickError(f"binned micrograph {tuple(binned.shape[-2:])} is too small for {pad} px of padding")
-    return F.pad(binned, (pad, pad, pad, pad), mode="reflect")
-
-
-def tiled_score_map(model: PatchClassifier, padded: torch.Tensor, tile_size: int, margin: int) -> torch.Tensor:
-    """``model.score_map`` of ``padded`` (N, 1, H, W), computed on tiles of at most ``tile_size`` px.
-
-    Tiles start on the stride grid and overlap by ``margin`` (≥ half the receptive field), so every
-    kept sample sees exactly the input it would see untiled: the stitched map equals the untiled one.
-    """
-    stride = model.output_stride
-    height, width = padded.shape[-2:]
-    if height <= tile_size and width <= tile_size:
-        return model.score_map(padded).float()
-    core = (tile_size - 2 * margin) // stride * stride
-    if core < stride:
-        raise CryopickError(
-            f"tile size {tile_size} px is too small: tiles need {margin} px of context on each side "
-            f"for this network; use at least {2 * margin + stride}"
-        )
-    out = torch.empty((padded.shape[0], math.ceil(height / stride), math.ceil(width / stride)),
-                      dtype=torch.float32, device=padded.device)
-    for r0 in range(0, height, core):
-        for c0 in range(0, width, core):
-            r_lo, c_lo = max(0, r0 - margin), max(0, c0 - margin)
-            tile = padded[..., r_lo: min(height, r0 + core + margin), c_lo: min(width, c0 + core + margin)]
-            tile_map = model.score_map(tile).float()
-            i0, j0 = r0 // stride, c0 // stride
-            i1, j1 = min(out.shape[1], (r0 + core) // stride), min(out.shape[2], (c0 + core) // stride)
-            k0, l0 = (r0 - r_lo) // stride, (c0 - c_lo) // stride
-            out[:, i0:i1, j0:j1] = tile_map[:, k0: k0 + i1 - i0, l0: l0 + j1 - j0]
-    return out
-
-
-def dense_score_map(model: PatchClassifier, binned: torch.Tensor, pad: int, tile_size: int = 1 << 30,
-                    margin: int | None = None) -> torch.Tensor:
-    """Logit maps ``(N, H', W')`` of binned micrographs ``(N, H, W)`` (see ``MapGeometry``)."""
-    padded = reflect_pad(binned[:, None], pad)
-    return tiled_score_map(model, padded, tile_size, tile_margin(model) if margin is None else margin)
-
-
-class DenseScorer:
-    """The model on its device: bf16 autocast and channels-last on CUDA, float32 maps back on the CPU."""
-
-    def __init__(self, model: PatchClassifier, device: torch.device, pad: int, tile_size: int, amp: bool):
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.model = model.to(device).eval()
-        if self.cuda:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.pad = pad
-        self.tile_size = tile_size
-        self.margin = tile_margin(model)
-        self.amp = amp and self.cuda
-
-    @torch.inference_mode()
-    def __call__(self, binned: torch.Tensor) -> np.ndarray:
-        x = reflect_pad(binned[:, None].to(self.device, non_blocking=True), self.pad)
-        if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
-        try:
-            with autocast:
-                maps = tiled_score_map(self.model, x, self.tile_size, self.margin)
-        except torch.cuda.OutOfMemoryError:
-            raise CryopickError(
-                f"out of GPU memory scoring {tuple(binned.shape)} binned micrographs; "
-                "lower batch_size or tile_size"
-            ) from None
-        return maps.float().cpu().numpy()
-
-
-# ---------------------------------------------------------------------------------------------
-# picks from one score map
-
-
-@dataclass(frozen=True)
-class Picks:
-    """Centres in original pixels (x = column, y = row) and probabilities, best first."""
-
-    x: np.ndarray
-    y: np.ndarray
-    score: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.score)
-
-    def take(self, index) -> "Picks":
-        return Picks(self.x[index], self.y[index], self.score[index])
-
-
-def candidate_picks(logits: np.ndarray, geometry: MapGeometry, binned_shape: tuple[int, int],
-                    shape: tuple[int, int], radius_px: float, edge: float = 0.0) -> Picks:
-    """Every peak of the map inside the micrograph and ``edge`` px from its border, after NMS.
-
-    Thresholding afterwards gives the same picks as thresholding first: greedy NMS only lets a
-    pick be suppressed by a better one.
-    """
-    rows, cols = local_maxima(logits)
-    y_binned = rows * geometry.output_stride - geometry.pad
-    x_binned = cols * geometry.output_stride - geometry.pad
-    inside = (y_binned >= 0) & (y_binned < binned_shape[0]) & (x_binned >= 0) & (x_binned < binned_shape[1])
-    rows, cols = rows[inside], cols[inside]
-    drow, dcol = refine_peaks(logits, rows, cols)
-    x, y = geometry.to_original(rows + drow, cols + dcol)
-    # RELION's Extract truncates coordinates to integers; rounding here centres its boxes on the nearest pixel
-    x = np.clip(np.rint(x), 0, shape[1] - 1)
-    y = np.clip(np.rint(y), 0, shape[0] - 1)
-    score = expit(logits[rows, cols].astype(np.float64))
-    away = away_from_edges(x, y, shape, edge)
-    candidates = Picks(x[away], y[away], score[away])
-    return candidates.take(greedy_nms(candidates.x, candidates.y, candidates.score, radius_px))
-
-
-def away_from_edges(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], edge: float) -> np.ndarray:
-    """Mask of centres whose RELION box of edge ``2·edge`` lies inside the micrograph.
-
-    RELION cuts ``x − B/2 … x + B/2 − 1``, so a box of B = 2·edge fits for ``edge ≤ x ≤ nx − edge``.
-    """
-    return (x >= edge) & (x <= shape[1] - edge) & (y >= edge) & (y <= shape[0] - edge)
-
-
-def select_picks(candidates: Picks, threshold: float, max_picks: int | None = None) -> Picks:
-    """Candidates (best first) with probability ≥ ``threshold``, at most ``max_picks`` of them."""
-    kept = candidates.take(candidates.score >= threshold)
-    return kept.take(slice(0, max_picks)) if max_picks is not None else kept
-
-
-def threshold_for_expected(scores: np.ndarray, n_micrographs: int, expected: float) -> float | None:
-    """Probability threshold giving about ``expected`` picks per micrograph over ``scores``."""
-    wanted = int(round(expected * n_micrographs))
-    if n_micrographs == 0 or wanted <= 0 or len(scores) == 0:
-        return None
-    ordered = np.sort(np.asarray(scores))[::-1]
-    return float(ordered[min(wanted, len(ordered)) - 1])
-
-
-def score_histogram(scores: np.ndarray) -> list[int]:
-    counts, _ = np.histogram(np.asarray(scores, dtype=np.float64), bins=HISTOGRAM_BINS, range=(0.0, 1.0))
-    return [int(c) for c in counts]
-
-
-# ---------------------------------------------------------------------------------------------
-# set-up: device, shards, sizes, output names
+# set-up: shards, sizes
 
 
 def parse_shard(spec: str | None, environ=os.environ) -> tuple[int, int]:
@@ -308,212 +98,8 @@ def box_size_px(record: PreprocessRecord, pixel_size: float) -> int:
     return max(1, int(round(record.diameter_A / pixel_size)))
 
 
-def coordinate_file_name(name: str, suffix: str, extension: str = ".star") -> str:
-    """``<post of name without extension>_<suffix><extension>`` (RELION's AutoPick naming rule).
-
-    ``.`` and ``..`` components are dropped so the file stays inside the output directory.
-    """
-    post = relion_post(str(name).replace("\\", "/"))
-    parts = [p for p in PurePosixPath(post).parts if p not in ("/", ".", "..")]
-    if not parts:
-        raise CryopickError(f"micrograph name '{name}' has no file name")
-    stem = parts[-1].rsplit(".", 1)[0] if "." in parts[-1].lstrip(".") else parts[-1]
-    return str(PurePosixPath(*parts[:-1], f"{stem}_{suffix}{extension}"))
-
-
-def preview_file_name(star_name: str) -> str:
-    return str(PurePosixPath(PREVIEW_DIR) / (star_name[: -len(".star")] + ".png"))
-
-
-@dataclass(frozen=True)
-class PlannedMicrograph:
-    entry: MicrographEntry
-    star: str  # coordinate STAR, relative to the output directory
-
-    @property
-    def box(self) -> str:
-        return self.star[: -len(".star")] + ".box"
-
-
-@dataclass(frozen=True)
-class ListFiles:
-    """Names of the run-level files in the output directory."""
-
-    suffix: str
-
-    @property
-    def coords_suffix(self) -> str:
-        return f"coords_suffix_{self.suffix}.star"
-
-    @property
-    def coordinate_list(self) -> str:
-        return f"coordinates_{self.suffix}.star"
-
-    @property
-    def micrographs(self) -> str:
-        return f"micrographs_{self.suffix}.star"
-
-    @property
-    def topaz(self) -> str:
-        return f"topaz_{self.suffix}.txt"
-
-    @property
-    def particles(self) -> str:
-        return f"particles_{self.suffix}.star"
-
-    @property
-    def cryosparc(self) -> str:
-        return f"particles_{self.suffix}.cs"
-
-    def all(self) -> list[str]:
-        return [self.coords_suffix, self.coordinate_list, self.micrographs, self.topaz, self.particles,
-                self.cryosparc, CONFIG_NAME]
-
-
-def plan_outputs(entries: list[MicrographEntry], suffix: str, reserved: Iterable[str]
-                 ) -> tuple[list[PlannedMicrograph], dict[str, str]]:
-    """Coordinate file of each micrograph; names that clash with another's output fail."""
-    taken = {name: "a run-level output file" for name in reserved}
-    planned, failed = [], {}
-    for entry in entries:
-        try:
-            star = coordinate_file_name(entry.name, suffix)
-        except CryopickError as exc:
-            failed[entry.name] = str(exc)
-            continue
-        if star in taken:
-            failed[entry.name] = f"its coordinate file {star} is already the output of {taken[star]}"
-            continue
-        taken[star] = entry.name
-        planned.append(PlannedMicrograph(entry, star))
-    if any(".." in PurePosixPath(p.entry.name).parts for p in planned):
-        warn("micrograph names containing '..' are written without it; RELION 3.1's coords_suffix lookup "
-             "will not find those files (RELION 4/5 --coord_list with the coordinates list will)")
-    return planned, failed
-
-
 # ---------------------------------------------------------------------------------------------
-# ownership of the output directory
-
-
-class OutputLedger:
-    """What cryopick pick wrote in a directory: ``.cryopick_pick*.json`` markers (one per shard).
-
-    Files are claimed before they are written, so an interrupted run still owns its files.
-    """
-
-    def __init__(self, out_dir: Path, shard: tuple[int, int]):
-        self.out_dir = out_dir
-        index, count = shard
-        name = MARKER_NAME if count == 1 else f".cryopick_pick.shard-{index}-of-{count}.json"
-        self.path = out_dir / name
-        self.owned: set[str] = set()
-        self.mine: set[str] = set()
-        self.produced_by: dict[str, dict | None] = {}  # marker name → what made its picks (None: unknown)
-        self.my_producer: dict | None = None
-        for marker in sorted(out_dir.glob(MARKER_GLOB)):
-            files, producer = _read_marker(marker)
-            self.owned |= files
-            self.produced_by[marker.name] = producer
-            if marker.name == name:
-                self.mine = set(files)
-                self.my_producer = producer
-
-    def conflicts(self, producer: dict, own_only: bool) -> list[str]:
-        """How the picks already here were made differently from ``producer`` (empty: no conflict)."""
-        if not any((self.out_dir / f).is_file() for f in self.owned if f.endswith(".star")):
-            return []
-        markers = [self.path.name] if own_only else list(self.produced_by)
-        return sorted({_difference(self.produced_by.get(m), producer) for m in markers
-                       if m in self.produced_by and not _same_producer(self.produced_by.get(m), producer)})
-
-    def set_producer(self, producer: dict | None) -> None:
-        self.my_producer = producer
-        self._write()
-
-    def owns(self, relative: str) -> bool:
-        return relative in self.owned
-
-    def refuse_foreign(self, relatives: Iterable[str]) -> None:
-        """CryopickError naming existing files at our output paths that cryopick pick did not write."""
-        foreign = sorted(r for r in relatives if r not in self.owned and (self.out_dir / r).exists())
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")
-            raise CryopickError(
-                f"{self.out_dir}: refusing to overwrite {len(foreign)} file(s) that cryopick pick did not "
-                f"write: {shown}; choose another --out directory or --suffix"
-            )
-
-    def claim(self, relatives: Iterable[str]) -> None:
-        new = set(relatives) - self.mine
-        if not new:
-            return
-        self.mine |= new
-        self.owned |= new
-        self._write()
-
-    def _write(self) -> None:
-        write_json_atomic(self.path, {"written_by": "cryopick pick", "cryopick_version": __version__,
-                                      "produced_by": self.my_producer, "files": sorted(self.mine)})
-
-
-def _read_marker(path: Path) -> tuple[set[str], dict | None]:
-    try:
-        data = json.loads(path.read_text())
-        files = data["files"]
-        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-            raise TypeError("files is not a list of names")
-        producer = data.get("produced_by")
-        if producer is not None and not isinstance(producer, dict):
-            raise TypeError("produced_by is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CryopickError(f"{path}: damaged cryopick pick marker ({exc}); remove it to continue") from None
-    return set(files), producer
-
-
-def producer_record(model: str | Path, config: PickConfig) -> dict:
-    """What decides the picks: the checkpoint's content (SHA-256) and the pick settings that select them."""
-    digest = hashlib.sha256()
-    with open(model, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return {"checkpoint_sha256": digest.hexdigest(), "checkpoint": str(model),
-            "settings": {k: getattr(config, k) for k in PROVENANCE_KEYS}}
-
-
-def _same_producer(a: dict | None, b: dict) -> bool:
-    return a is not None and a.get("checkpoint_sha256") == b["checkpoint_sha256"] and a.get("settings") == b["settings"]
-
-
-def _difference(old: dict | None, new: dict) -> str:
-    if old is None:
-        return "picks of an unrecorded model or settings (an earlier or interrupted run)"
-    parts = []
-    if old.get("checkpoint_sha256") != new["checkpoint_sha256"]:
-        parts.append(f"another checkpoint ({old.get('checkpoint')})")
-    settings = old.get("settings") or {}
-    parts += [f"{k} {settings.get(k)} (now {v})" for k, v in new["settings"].items() if settings.get(k) != v]
-    return ", ".join(parts) or "other settings"
-
-
-# ---------------------------------------------------------------------------------------------
-# background loading and batching
-
-
-@dataclass
-class LoadedMicrograph:
-    plan: PlannedMicrograph
-    binned: torch.Tensor  # (H, W) float32, CPU
-    scales: tuple[float, float]
-    shape: tuple[int, int]  # original (ny, nx)
-    pixel_size: float
-    pixel_size_known: bool
-
-
-@dataclass(frozen=True)
-class LoadFailure:
-    plan: PlannedMicrograph
-    reason: str
+# loading: the checkpoint's preprocessing at each micrograph's own pixel size
 
 
 def micrograph_pixel_size(entry: MicrographEntry, config: PickConfig, header_pixel_size: float | None
@@ -536,58 +122,6 @@ def load_micrograph(plan: PlannedMicrograph, record: PreprocessRecord, config: P
         raise InputFileError(plan.entry.path, f"too small: {tuple(binned.shape)} binned px, needs more than {pad}")
     return LoadedMicrograph(plan, binned, scales, tuple(image.shape), pixel_size or record.pixel_size,
                             pixel_size is not None)
-
-
-def _load_or_fail(plan: PlannedMicrograph, record: PreprocessRecord, config: PickConfig
-                  ) -> LoadedMicrograph | LoadFailure:
-    try:
-        return load_micrograph(plan, record, config)
-    except InputFileError as exc:
-        return LoadFailure(plan, exc.problem)
-    except (CryopickError, ValueError, RuntimeError, OSError, MemoryError) as exc:
-        return LoadFailure(plan, f"{type(exc).__name__}: {exc}")
-
-
-def iter_loaded(plans: list[PlannedMicrograph], record: PreprocessRecord, config: PickConfig
-                ) -> Iterator[LoadedMicrograph | LoadFailure]:
-    """Loaded micrographs in order; ``config.workers`` threads read ahead while the caller scores."""
-    if config.workers <= 0:
-        for plan in plans:
-            yield _load_or_fail(plan, record, config)
-        return
-    lookahead = max(2 * config.workers, 2 * config.batch_size)
-    pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="cryopick-load")
-    try:
-        pending: deque = deque()
-        upcoming = iter(plans)
-        for plan in upcoming:
-            pending.append(pool.submit(_load_or_fail, plan, record, config))
-            if len(pending) >= lookahead:
-                break
-        while pending:
-            result = pending.popleft().result()
-            following = next(upcoming, None)
-            if following is not None:
-                pending.append(pool.submit(_load_or_fail, following, record, config))
-            yield result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def iter_batches(loaded: Iterable[LoadedMicrograph | LoadFailure], batch_size: int
-                 ) -> Iterator[list[LoadedMicrograph] | LoadFailure]:
-    """Consecutive micrographs of one binned shape, up to ``batch_size`` at a time; failures alone."""
-    batch: list[LoadedMicrograph] = []
-    for item in loaded:
-        if isinstance(item, LoadFailure):
-            yield item
-            continue
-        if batch and (len(batch) >= batch_size or batch[0].binned.shape != item.binned.shape):
-            yield batch
-            batch = []
-        batch.append(item)
-    if batch:
-        yield batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,21 +186,12 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
     lists = ListFiles(config.suffix)
     plans, plan_failures = plan_outputs(entries, config.suffix, lists.all())
 
-    out_root.mkdir(parents=True, exist_ok=True)
-    ledger = OutputLedger(out_root, shard)
-    producer = producer_record(model, config)
-    _refuse_mixing(ledger, producer, config.overwrite, out_root)
-    discard_dir(_staging_dir(out_root, shard))  # left by a killed --overwrite run
+    if dotdot_names(plans):
+        warn("micrograph names containing '..' are written without it; RELION 3.1's coords_suffix lookup "
+             "will not find those files (RELION 4/5 --coord_list with the coordinates list will)")
     my_names = {e.name for e in shard_items(entries, *shard)}
-    my_plans = [p for p in plans if p.entry.name in my_names]
-    todo = [p for p in my_plans if config.overwrite or not (out_root / p.star).exists()]
-    preview_stars = {p.star for p in todo[: config.preview]}
-    previews = sorted(preview_file_name(star) for star in preview_stars)
-    our_files = [p.star for p in plans] + ([p.box for p in plans] if config.write_box else []) + lists.all()
-    ledger.refuse_foreign(our_files + previews)
-    ledger.claim(our_files + previews)
-    if not config.overwrite and not _same_producer(ledger.my_producer, producer):
-        ledger.set_producer(producer)  # recorded before the first pick is written
+    ledger, producer, my_plans, todo, preview_stars = _prepare_outputs(model, config, out_root, plans, lists,
+                                                                       shard, my_names)
 
     summary = PickSummary(threshold=config.threshold, shard=shard, device=str(device), expected=config.expected_particles,
                           out_dir=Path(out_dir), suffix=config.suffix)
@@ -697,6 +222,29 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
     return summary
 
 
+def _prepare_outputs(model: str | Path, config: PickConfig, out_root: Path, plans: list[PlannedMicrograph],
+                     lists: ListFiles, shard: tuple[int, int], my_names: set[str]):
+    """Claim this run's files in the ledger: ``(ledger, producer, my plans, plans to pick, preview stars)``.
+
+    Refuses to mix models or settings in one --out and to overwrite files cryopick pick did not write.
+    """
+    out_root.mkdir(parents=True, exist_ok=True)
+    ledger = OutputLedger(out_root, shard)
+    producer = producer_record(model, {k: getattr(config, k) for k in PROVENANCE_KEYS})
+    _refuse_mixing(ledger, producer, config.overwrite, out_root)
+    discard_dir(staging_dir(out_root, shard))  # left by a killed --overwrite run
+    my_plans = [p for p in plans if p.entry.name in my_names]
+    todo = [p for p in my_plans if config.overwrite or not (out_root / p.star).exists()]
+    preview_stars = {p.star for p in todo[: config.preview]}
+    previews = sorted(preview_file_name(star) for star in preview_stars)
+    our_files = [p.star for p in plans] + ([p.box for p in plans] if config.write_box else []) + lists.all()
+    ledger.refuse_foreign(our_files + previews)
+    ledger.claim(our_files + previews)
+    if not config.overwrite and not same_producer(ledger.my_producer, producer):
+        ledger.set_producer(producer)  # recorded before the first pick is written
+    return ledger, producer, my_plans, todo, preview_stars
+
+
 def _refuse_mixing(ledger: OutputLedger, producer: dict, overwrite: bool, out_root: Path) -> None:
     """One --out holds the picks of one model and one set of settings, so its files never come from two."""
     differences = ledger.conflicts(producer, own_only=overwrite)
@@ -707,10 +255,6 @@ def _refuse_mixing(ledger: OutputLedger, producer: dict, overwrite: bool, out_ro
             "aside and replace the old only when the run succeeds), or choose another --out")
 
 
-def _staging_dir(out_root: Path, shard: tuple[int, int]) -> Path:
-    return out_root / f"{STAGING_PREFIX}-{shard[0]}-of-{shard[1]}"
-
-
 def _pick_aside(todo: list[PlannedMicrograph], scorer: DenseScorer, record: PreprocessRecord, config: PickConfig,
                 out_root: Path, state: _RunState, ledger: OutputLedger, producer: dict, shard: tuple[int, int],
                 quiet: bool, stop: Callable[[], bool] | None = None) -> None:
@@ -719,21 +263,15 @@ def _pick_aside(todo: list[PlannedMicrograph], scorer: DenseScorer, record: Prep
     A failed or interrupted run leaves the old picks untouched; old coordinate files of micrographs that
     failed this time are removed, so no file of the previous model stays behind.
     """
-    stage = _staging_dir(out_root, shard).resolve()
+    stage = staging_dir(out_root, shard).resolve()
     stage.mkdir()
     try:
         _pick_all(todo, scorer, record, config, stage, state, quiet, stop)
         if not state.summary.counts or state.summary.stopped:
             return  # every micrograph failed (pick() reports it) or the run was stopped: the old picks stay
         ledger.set_producer(None)  # between old and new: a rerun without --overwrite must not resume
-        for path in sorted(p for p in stage.rglob("*") if p.is_file()):
-            target = out_root / path.relative_to(stage)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
-        for plan in todo:
-            if plan.entry.name not in state.summary.counts:
-                for stale in (plan.star, plan.box, preview_file_name(plan.star)):
-                    (out_root / stale).unlink(missing_ok=True)
+        failed = [plan for plan in todo if plan.entry.name not in state.summary.counts]
+        promote_staged(stage, out_root, [f for p in failed for f in (p.star, p.box, preview_file_name(p.star))])
         ledger.set_producer(producer)
         state.summary.outputs = [out_root / p.relative_to(stage) for p in state.summary.outputs]
     finally:
@@ -768,7 +306,9 @@ def _pick_all(todo: list[PlannedMicrograph], scorer: DenseScorer, record: Prepro
     start = time.perf_counter()
     with progress_bar(quiet, extra="{task.fields[particles]} particles · {task.fields[rate]} mic/s") as bar:
         task = bar.add_task("picking", total=len(todo), particles=0, rate="–")
-        for batch in iter_batches(iter_loaded(todo, record, config), config.batch_size):
+        loaded = iter_loaded(todo, lambda plan: load_micrograph(plan, record, config), config.workers,
+                             lookahead=max(2 * config.workers, 2 * config.batch_size))
+        for batch in iter_batches(loaded, config.batch_size):
             if stopping():
                 break
             if isinstance(batch, LoadFailure):
@@ -793,8 +333,7 @@ def _pick_one(loaded: LoadedMicrograph, logits: np.ndarray, scorer: DenseScorer,
     radius = nms_radius_px(config, record, loaded.pixel_size)
     if state.summary.radius_px is None:
         state.summary.radius_px = radius
-    geometry = MapGeometry(scorer.model.output_stride, scorer.pad, loaded.scales)
-    candidates = candidate_picks(logits, geometry, tuple(loaded.binned.shape), loaded.shape, radius, config.edge)
+    candidates = candidate_picks(logits, scorer.geometry(loaded.scales), tuple(loaded.binned.shape), loaded.shape, radius, config.edge)
     if state.calibration is not None:
         candidates = Picks(candidates.x, candidates.y, state.calibration.apply(candidates.score))
     picks = select_picks(candidates, config.threshold, config.max_picks)
@@ -851,23 +390,6 @@ def _finish_scores(state: _RunState, config: PickConfig) -> None:
 # run-level files, rebuilt from every coordinate file present (so shards and reruns compose)
 
 
-def read_coordinate_star(path: str | Path) -> Picks:
-    """Picks of one of our coordinate files (0-byte file → none)."""
-    blocks = read_star_blocks(path)
-    table = next((b for b in blocks.values() if isinstance(b, pd.DataFrame)), None)
-    if table is None or table.empty:
-        empty = np.zeros(0)
-        return Picks(empty, empty, empty)
-    fom = table["rlnAutopickFigureOfMerit"] if "rlnAutopickFigureOfMerit" in table else np.ones(len(table))
-    return Picks(np.asarray(table["rlnCoordinateX"], dtype=np.float64),
-                 np.asarray(table["rlnCoordinateY"], dtype=np.float64), np.asarray(fom, dtype=np.float64))
-
-
-def _as_given(out_dir_given: Path, relative: str) -> str:
-    """A path inside the output directory spelled from the directory as the user gave it."""
-    return str(PurePosixPath(out_dir_given.as_posix()) / relative)
-
-
 def _pixel_size_for_outputs(plan: PlannedMicrograph, config: PickConfig, record: PreprocessRecord,
                             known: dict[str, float]) -> float:
     if plan.entry.name in known:
@@ -884,53 +406,21 @@ def write_run_files(micrographs: str | Path, out_root: Path, out_dir_given: Path
                     known_pixel_sizes: dict[str, float]) -> list[Path]:
     """Suffix file, coordinate-files list, optional box/Topaz/particles files and the resolved config."""
     present = [p for p in plans if ledger.owns(p.star) and (out_root / p.star).is_file()]
-    written: list[Path] = []
-
-    def target(relative: str) -> Path:
-        path = safe_join(out_root, relative)
-        written.append(path)
-        return path
-
     pixel_sizes = {p.entry.name: _pixel_size_for_outputs(p, config, record, known_pixel_sizes) for p in present}
     input_is_star = Path(micrographs).suffix.lower() == ".star" and Path(micrographs).is_file()
-    if input_is_star:
-        micrographs_star = str(micrographs)
-    else:
-        common = Counter(pixel_sizes.values()).most_common(1)
-        write_micrographs_star(target(lists.micrographs), [p.entry.name for p in present],
+    common = Counter(pixel_sizes.values()).most_common(1)
+    written = write_list_files(out_root, out_dir_given, lists, present, str(micrographs) if input_is_star else None,
                                common[0][0] if common else record.pixel_size)
-        micrographs_star = _as_given(out_dir_given, lists.micrographs)
-    write_text_atomic(target(lists.coords_suffix), micrographs_star + "\n")
-    write_coordinate_files_list(target(lists.coordinate_list),
-                                [(p.entry.name, _as_given(out_dir_given, p.star)) for p in present])
-    if config.write_box or config.write_topaz or config.write_particles or config.write_cryosparc:
-        picks = {p.entry.name: read_coordinate_star(out_root / p.star) for p in present}
-        if config.write_box:
-            for p in present:
-                found = picks[p.entry.name]
-                write_box(target(p.box), found.x, found.y, box_size_px(record, pixel_sizes[p.entry.name]))
-        if config.write_topaz:
-            write_topaz_table(target(lists.topaz), [(p.entry.name, x, y, s) for p in present
-                                                   for x, y, s in zip(*_columns(picks[p.entry.name]))])
-        if config.write_particles:
-            rows = [(p.entry.name, float(x), float(y), float(s)) for p in present
-                    for x, y, s in zip(*_columns(picks[p.entry.name]))]
-            write_text_atomic(target(lists.particles), star_loop(
-                "particles", ["rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY", "rlnAutopickFigureOfMerit"],
-                rows))
-        if config.write_cryosparc:
-            write_cs(target(lists.cryosparc), [(p.entry.name, read_header(p.entry.path).shape,
-                                                *_columns(picks[p.entry.name])) for p in present])
+    formats = OutputFormats(config.write_box, config.write_topaz, config.write_particles, config.write_cryosparc)
+    box_sizes = {name: box_size_px(record, size) for name, size in pixel_sizes.items()}
+    written += write_extra_formats(out_root, lists, present, formats, box_sizes)
     resolved = config
     if config.radius_px is None and pixel_sizes:
         first_pixel_size = next(iter(pixel_sizes.values()))
         resolved = dataclasses.replace(config, radius_px=nms_radius_px(config, record, first_pixel_size))
-    write_text_atomic(target(CONFIG_NAME), dump_yaml(resolved))
+    written.append(safe_join(out_root, CONFIG_NAME))
+    write_text_atomic(written[-1], dump_yaml(resolved))
     return written
-
-
-def _columns(picks: Picks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return picks.x, picks.y, picks.score
 
 
 # ---------------------------------------------------------------------------------------------

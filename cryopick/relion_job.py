@@ -370,7 +370,7 @@ def relion_version(project_dir: Path, setting: str = "auto") -> int:
 
 def write_relion_outputs(inputs: RelionJobInputs, version_setting: str = "auto") -> list[Path]:
     """``autopick.star`` for every micrograph whose coordinate file exists, and ``RELION_OUTPUT_NODES.star``."""
-    from cryopick.pick import coordinate_file_name
+    from cryopick.io.outputs import ListFiles, coordinate_file_name
 
     job_dir = _job_dir(inputs)
     rows = []
@@ -382,7 +382,7 @@ def write_relion_outputs(inputs: RelionJobInputs, version_setting: str = "auto")
     version = relion_version(inputs.project_dir, version_setting)
     if version == 3:
         node = star_loop("output_nodes", ["rlnPipeLineNodeName", "rlnPipeLineNodeType"],
-                         [(_node_name(inputs.out, f"coords_suffix_{SUFFIX}.star"), NODE_TYPE_COORDS_31)])
+                         [(_node_name(inputs.out, ListFiles(SUFFIX).coords_suffix), NODE_TYPE_COORDS_31)])
     else:
         node = star_loop("output_nodes", ["rlnPipeLineNodeName", "rlnPipeLineNodeTypeLabel"],
                          [(_node_name(inputs.out, COORDINATE_LIST), LABEL_AUTOPICK_COORDS[version])])

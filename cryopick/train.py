@@ -31,7 +31,7 @@ from cryopick.checkpoint import load_checkpoint, save_checkpoint
 from cryopick.config import TrainConfig, dump_yaml, to_dict
 from cryopick.config import validate as validate_config
 from cryopick.data import PatchDataset, PUBatchSampler, SplitData, batch_composition, load_dataset
-from cryopick.device import resolve_device
+from cryopick.device import autocast_factory, resolve_device
 from cryopick.ema import EMATeacher
 from cryopick.errors import CryopickError
 from cryopick.evaluate import binary_metrics, pu_corrected_auc, roc_auc
@@ -109,13 +109,6 @@ def select_unlabeled(split: SplitData, config: TrainConfig, quiet: bool) -> Spli
         return split
     info(f"unlabeled patches from the labelled micrographs: {len(chosen.unlabeled)} of {len(split.unlabeled)}", quiet)
     return chosen
-
-
-def autocast_factory(bf16: bool):
-    """A context-manager factory: bf16 autocast on CUDA, or a disabled one."""
-    if bf16:
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return lambda: torch.autocast("cpu", enabled=False)
 
 
 def lr_at(step: int, total: int, warmup: int, base: float, scheduler: str) -> float:

@@ -7,8 +7,7 @@ import pytest
 import torch
 from scipy.special import expit, logit
 
-from cryopick.calibrate import (Calibration, estimate_particle_count, fit_calibration, label_recall,
-                                posterior_table)
+from cryopick.calibrate import Calibration, estimate_particle_count, fit_calibration, label_recall, posterior_table
 from cryopick.errors import CryopickError
 
 PEAKS = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
@@ -108,7 +107,8 @@ def test_train_stores_a_calibration_that_pick_applies(trained, tmp_path):
     from cryopick.calibrate_model import calibration_micrographs
     from cryopick.checkpoint import load_checkpoint
     from cryopick.config import PickConfig
-    from cryopick.pick import pick, read_coordinate_star
+    from cryopick.io.outputs import read_coordinate_star
+    from cryopick.pick import pick
 
     mics, held_out = calibration_micrographs(trained / "ds")
     assert held_out and [m["split"] for m in mics] == ["val"]

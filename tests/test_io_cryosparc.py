@@ -13,7 +13,8 @@ from cryopick.io.cryosparc import read_cs_locations, write_cs
 from cryopick.io.matching import match_coordinates
 from cryopick.io.micrographs import find_micrographs
 from cryopick.io.mrc import write_mrc
-from cryopick.pick import pick, read_coordinate_star
+from cryopick.io.outputs import read_coordinate_star
+from cryopick.pick import pick
 
 UID = "012345678901234567"
 

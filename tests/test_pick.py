@@ -18,28 +18,23 @@ import torch
 from cryopick.checkpoint import save_checkpoint
 from cryopick.config import PickConfig, resolve
 from cryopick.errors import CryopickError
+from cryopick.inference import MapGeometry, dense_score_map, receptive_field, tile_margin
 from cryopick.io.mrc import write_mrc
+from cryopick.io.outputs import coordinate_file_name, read_coordinate_star
 from cryopick.io.relion import write_micrographs_star
 from cryopick.model import PatchClassifier
-from cryopick.nms import greedy_nms, local_maxima, refine_peaks
-from cryopick.pick import (
-    MapGeometry,
+from cryopick.nms import (
     Picks,
     away_from_edges,
     candidate_picks,
-    coordinate_file_name,
-    dense_score_map,
-    histogram_lines,
-    parse_shard,
-    pick,
-    read_coordinate_star,
-    receptive_field,
+    greedy_nms,
+    local_maxima,
+    refine_peaks,
     score_histogram,
     select_picks,
-    shard_items,
     threshold_for_expected,
-    tile_margin,
 )
+from cryopick.pick import histogram_lines, parse_shard, pick, shard_items
 from cryopick.preprocessing import PreprocessRecord, axis_scales, preprocess
 
 OS = 8

@@ -18,8 +18,9 @@ from test_pick import RECORD, blob_detector, blob_image, save_model, single_torc
 
 from cryopick.config import PickConfig
 from cryopick.io.mrc import write_mrc
+from cryopick.io.outputs import read_coordinate_star
 from cryopick.io.relion import write_micrographs_star
-from cryopick.pick import pick, read_coordinate_star
+from cryopick.pick import pick
 
 pytestmark = pytest.mark.skipif(shutil.which("relion_preprocess") is None,
                                 reason="relion_preprocess not on PATH (apt-get install relion)")

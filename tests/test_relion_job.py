@@ -25,8 +25,8 @@ from typer.testing import CliRunner
 from cryopick import pick as pick_module
 from cryopick.cli import app
 from cryopick.io.mrc import write_mrc
+from cryopick.io.outputs import read_coordinate_star
 from cryopick.io.relion import star_loop, write_coordinate_files_list, write_coordinate_star, write_micrographs_star
-from cryopick.pick import read_coordinate_star
 from cryopick.relion_job import (
     ABORT_NOW,
     EXIT_ABORTED,
