@@ -32,7 +32,6 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from rich.table import Table
 from scipy.special import expit
 
@@ -40,6 +39,7 @@ from cryopick import __version__
 from cryopick.calibrate import Calibration
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.config import PickConfig, dump_yaml, validate
+from cryopick.dataset import fits_edge_padding, reflect_pad
 from cryopick.device import resolve_device
 from cryopick.errors import CryopickError, InputFileError
 from cryopick.fsutil import check_output_dir, discard_dir, safe_join, write_json_atomic, write_text_atomic
@@ -57,7 +57,7 @@ from cryopick.io.relion import (
 )
 from cryopick.model import PatchClassifier
 from cryopick.nms import greedy_nms, local_maxima, refine_peaks
-from cryopick.preprocessing import PreprocessRecord, micrograph_factor, preprocess
+from cryopick.preprocessing import PreprocessRecord, micrograph_factor, micrograph_pixel_size, preprocess
 from cryopick.preview import preview_image, write_png
 from cryopick.progress import console, info, progress_bar, warn
 from cryopick.report import next_steps_pick, pick_count_lines, pick_counts
@@ -125,13 +125,6 @@ def tile_margin(model: PatchClassifier) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # dense scoring
-
-
-def reflect_pad(binned: torch.Tensor, pad: int) -> torch.Tensor:
-    """``(N, 1, H, W)`` padded by reflection without edge repeat (numpy's ``mode="reflect"``)."""
-    if min(binned.shape[-2:]) <= pad:
-        raise CryopickError(f"binned micrograph {tuple(binned.shape[-2:])} is too small for {pad} px of padding")
-    return F.pad(binned, (pad, pad, pad, pad), mode="reflect")
 
 
 def tiled_score_map(model: PatchClassifier, padded: torch.Tensor, tile_size: int, margin: int) -> torch.Tensor:
@@ -516,24 +509,15 @@ class LoadFailure:
     reason: str
 
 
-def micrograph_pixel_size(entry: MicrographEntry, config: PickConfig, header_pixel_size: float | None
-                          ) -> float | None:
-    """--pixel-size, else the micrographs STAR, else the MRC header."""
-    for value in (config.pixel_size, entry.pixel_size, header_pixel_size):
-        if value is not None and value > 0:
-            return float(value)
-    return None
-
-
 def load_micrograph(plan: PlannedMicrograph, record: PreprocessRecord, config: PickConfig) -> LoadedMicrograph:
     """Read and preprocess exactly as training did, at the trained binned pixel size."""
     header = read_header(plan.entry.path)
-    pixel_size = micrograph_pixel_size(plan.entry, config, header.pixel_size)
+    pixel_size = micrograph_pixel_size(config.pixel_size, plan.entry.pixel_size, header.pixel_size)
     image = read_micrograph(plan.entry.path)
     binned, scales = preprocess(image, micrograph_factor(record, pixel_size))
-    pad = record.patch_size // 2
-    if min(binned.shape) <= pad:
-        raise InputFileError(plan.entry.path, f"too small: {tuple(binned.shape)} binned px, needs more than {pad}")
+    if not fits_edge_padding(binned.shape, record.patch_size):
+        raise InputFileError(plan.entry.path, f"too small: {tuple(binned.shape)} binned px, needs more than "
+                             f"{record.patch_size // 2}")
     return LoadedMicrograph(plan, binned, scales, tuple(image.shape), pixel_size or record.pixel_size,
                             pixel_size is not None)
 
@@ -875,7 +859,7 @@ def _pixel_size_for_outputs(plan: PlannedMicrograph, config: PickConfig, record:
         header_pixel_size = read_header(plan.entry.path).pixel_size
     except InputFileError:
         header_pixel_size = None
-    return micrograph_pixel_size(plan.entry, config, header_pixel_size) or record.pixel_size
+    return micrograph_pixel_size(config.pixel_size, plan.entry.pixel_size, header_pixel_size) or record.pixel_size
 
 
 def write_run_files(micrographs: str | Path, out_root: Path, out_dir_given: Path, plans: list[PlannedMicrograph],
