@@ -20,7 +20,8 @@ import torch
 
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.evaluate import evaluate_coordinates
-from cryopick.inference import MapGeometry, dense_score_map, reflect_pad
+from cryopick.dataset import reflect_pad
+from cryopick.inference import MapGeometry, dense_score_map
 from cryopick.io.coords import read_coordinates
 from cryopick.io.matching import match_coordinates
 from cryopick.io.micrographs import find_micrographs

@@ -15,7 +15,7 @@ import torch
 
 from cryopick.calibrate import Calibration, fit_calibration
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
-from cryopick.data import load_labelled_micrographs
+from cryopick.dataset import load_labelled_micrographs
 from cryopick.errors import CryopickError
 from cryopick.evaluate import match_picks
 from cryopick.fsutil import save_torch_atomic

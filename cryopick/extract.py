@@ -1,44 +1,50 @@
-"""`cryopick extract`: micrographs + coordinates → chunked 128×128 patch datasets for training.
+"""`cryopick extract`: micrographs + coordinates → a patch dataset for training.
 
-Output directory: ``chunk_NNNNN.pt`` files (plain dicts, ``torch.load(..., weights_only=True)``),
-``manifest.json`` (written last: a directory without it is an interrupted extraction) and
-``extract_config.yaml``. Each chunk holds patches of one split (train or val).
+Finds the micrographs and their labels, settles the pixel size and bin factor, preprocesses each
+micrograph (in worker processes), samples unlabeled centres and splits micrographs into train and val;
+``cryopick.dataset`` cuts the patches and writes the directory.
 """
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import pandas as pd
 import torch
 
-from cryopick import __version__
 from cryopick.config import ExtractConfig, dump_yaml, validate
-from cryopick.data import DATASET_FORMAT, LABELLED_MICROGRAPHS
+from cryopick.dataset import (
+    CONFIG_NAME,
+    DatasetWriter,
+    crop_patches,
+    fits_edge_padding,
+    is_dataset_file,
+    reflect_pad,
+    to_binned_pixels,
+)
 from cryopick.errors import CryopickError, InputFileError
 from cryopick.fsutil import (
     check_output_dir,
     recover_replaced_dir,
-    save_torch_atomic,
     staged_dir,
-    write_json_atomic,
     write_text_atomic,
 )
 from cryopick.io.coords import read_coordinates
 from cryopick.io.matching import match_coordinates
 from cryopick.io.micrographs import MicrographEntry, find_micrographs
 from cryopick.io.mrc import read_header, read_micrograph
-from cryopick.preprocessing import PreprocessRecord, binned_shape, choose_bin_factor, preprocess
+from cryopick.preprocessing import (
+    PreprocessRecord,
+    binned_shape,
+    choose_bin_factor,
+    micrograph_pixel_size,
+    preprocess,
+)
 from cryopick.progress import console, info, progress_bar, warn
 from cryopick.report import holdout_warning, next_steps_extract
-
-MANIFEST = "manifest.json"
-CONFIG_NAME = "extract_config.yaml"
 
 
 @dataclass
@@ -94,28 +100,7 @@ class ExtractSummary:
 
 
 # ---------------------------------------------------------------------------------------------
-# geometry
-
-
-def reflect_pad(image: np.ndarray, pad: int) -> np.ndarray:
-    """Reflection padding (no edge repeat), the same as pick's ``F.pad(mode="reflect")``."""
-    return np.pad(image, pad, mode="reflect")
-
-
-def crop_patches(padded: np.ndarray, centres_binned: np.ndarray, patch_size: int) -> np.ndarray:
-    """Patches of ``padded`` (padded by patch_size/2) centred on integer binned pixels ``(x, y)``.
-
-    The padded index of binned pixel c is c + patch_size/2, so the window starting at c is centred on it.
-    """
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (patch_size, patch_size))
-    centres = np.asarray(centres_binned, dtype=np.int64).reshape(-1, 2)
-    return windows[centres[:, 1], centres[:, 0]]  # one gather (a copy) in C
-
-
-def to_binned_pixels(xy: np.ndarray, scales: tuple[float, float]) -> np.ndarray:
-    """Original-pixel centres → nearest binned pixel (x, y) integers."""
-    sy, sx = scales
-    return np.stack([np.rint(xy[:, 0] / sx), np.rint(xy[:, 1] / sy)], axis=1).astype(np.int64)
+# one micrograph (runs in a worker process)
 
 
 def default_unlabeled_count(binned_shape: tuple[int, int], diameter_binned_px: float) -> int:
@@ -145,7 +130,7 @@ def extract_micrograph(job: MicrographJob) -> MicrographPatches:
     ny, nx = binned.shape
     half = job.patch_size // 2
     # float16 once for the whole image: the same values as converting each patch, 10× less work
-    padded = reflect_pad(binned, half).astype(np.float16)
+    padded = reflect_pad(binned_t, half).numpy().astype(np.float16)
 
     pos_b = to_binned_pixels(job.positives, scales) if len(job.positives) else np.zeros((0, 2), np.int64)
     inside = (pos_b[:, 0] >= 0) & (pos_b[:, 0] < nx) & (pos_b[:, 1] >= 0) & (pos_b[:, 1] < ny)
@@ -177,66 +162,6 @@ def extract_micrograph(job: MicrographJob) -> MicrographPatches:
 
 
 # ---------------------------------------------------------------------------------------------
-# chunk writing
-
-
-class ChunkWriter:
-    """Buffers one split's patches and writes a chunk file each time ``chunk_size`` is reached."""
-
-    def __init__(self, out_dir: Path, split: str, chunk_size: int, patch_size: int, names: list[str],
-                 counter: list[int], chunks: list[dict]):
-        self.out_dir, self.split, self.chunk_size, self.names = out_dir, split, chunk_size, names
-        self.patch_size = patch_size
-        self.counter, self.chunks = counter, chunks
-        self.buffers: dict[str, list] = {"positive": [], "unlabeled": []}
-        self.meta: dict[str, list] = {"positive": [], "unlabeled": []}
-        self.pending = 0
-
-    def add(self, kind: str, patches: np.ndarray, micrograph: int, xy: np.ndarray,
-            truth_distance: np.ndarray | None = None) -> None:
-        start = 0
-        while start < len(patches):
-            take = min(len(patches) - start, self.chunk_size - self.pending)
-            sl = slice(start, start + take)
-            self.buffers[kind].append(patches[sl])
-            td = truth_distance[sl] if truth_distance is not None else np.full(take, np.nan, np.float32)
-            self.meta[kind].append((np.full(take, micrograph, np.int64), xy[sl], td))
-            self.pending += take
-            start += take
-            if self.pending >= self.chunk_size:
-                self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        patches, metadata = {}, {"split": self.split, "micrograph_names": self.names}
-        counts = {}
-        for kind in ("positive", "unlabeled"):
-            parts = self.buffers[kind]
-            size = self.patch_size
-            arr = np.concatenate(parts) if parts else np.zeros((0, size, size), np.float16)
-            patches[kind] = torch.from_numpy(arr)
-            counts[kind] = len(arr)
-            mics = np.concatenate([m for m, _, _ in self.meta[kind]]) if parts else np.zeros(0, np.int64)
-            xy = np.concatenate([c for _, c, _ in self.meta[kind]]) if parts else np.zeros((0, 2), np.float32)
-            td = np.concatenate([t for _, _, t in self.meta[kind]]) if parts else np.zeros(0, np.float32)
-            metadata[kind] = {
-                "micrograph": torch.from_numpy(mics),
-                "x": torch.from_numpy(xy[:, 0].astype(np.float32)),
-                "y": torch.from_numpy(xy[:, 1].astype(np.float32)),
-                "truth_distance": torch.from_numpy(td.astype(np.float32)),
-            }
-        name = f"chunk_{self.counter[0]:05d}.pt"
-        self.counter[0] += 1
-        save_torch_atomic(self.out_dir / name, {"patches": patches, "metadata": metadata})
-        self.chunks.append({"file": name, "split": self.split, "n_positive": counts["positive"],
-                            "n_unlabeled": counts["unlabeled"]})
-        self.buffers = {"positive": [], "unlabeled": []}
-        self.meta = {"positive": [], "unlabeled": []}
-        self.pending = 0
-
-
-# ---------------------------------------------------------------------------------------------
 # the command
 
 
@@ -264,8 +189,7 @@ def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
     recover_replaced_dir(out_dir)
     if not out_dir.is_dir():
         return
-    ours = [p for p in out_dir.iterdir() if p.name in (MANIFEST, CONFIG_NAME, LABELLED_MICROGRAPHS) or
-            (p.name.startswith("chunk_") and p.suffix == ".pt") or p.name.startswith(".chunk_")]
+    ours = [p for p in out_dir.iterdir() if is_dataset_file(p.name)]
     others = sorted(p.name for p in out_dir.iterdir() if p not in ours)
     if others:
         shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
@@ -288,7 +212,7 @@ def _usable_sizes(entries: list[MicrographEntry], shapes: list, labels: dict, tr
     keep, reason = [], ""
     for k, (entry, shape) in enumerate(zip(entries, shapes)):
         small = binned_shape(shape, factor)
-        if min(small) > config.patch_size // 2:
+        if fits_edge_padding(small, config.patch_size):
             keep.append(k)
             continue
         reason = (f"{shape[1]}×{shape[0]} px binned ×{factor:g} is {small[1]}×{small[0]} px, not more than half "
@@ -339,7 +263,7 @@ def _pixel_sizes(entries: list[MicrographEntry], config: ExtractConfig, summary:
             continue
         kept.append(entry)
         shapes.append(header.shape)
-        sizes.append(entry.pixel_size or header.pixel_size)
+        sizes.append(micrograph_pixel_size(None, entry.pixel_size, header.pixel_size))
     if not kept:
         raise CryopickError("no usable micrographs: every micrograph failed to open (listed above)")
     if config.pixel_size is not None:
@@ -442,13 +366,8 @@ def _extract_into(out_dir: Path, entries: list[MicrographEntry], shapes: list, l
 
     labelled = np.array([len(labels.get(i, ())) > 0 for i in range(len(entries))])
     splits = split_micrographs(len(entries), labelled, config.val_fraction, config.seed)
-    names = [e.name for e in entries]
-    counter, chunks = [0], []
-    writers = {s: ChunkWriter(out_dir, s, config.chunk_size, config.patch_size, names, counter, chunks)
-               for s in ("train", "val")}
+    writer = DatasetWriter(out_dir, config.patch_size, config.chunk_size, [e.name for e in entries])
     mic_records: list[dict] = []
-    labelled_micrographs: list[dict] = []
-    failed: set[int] = set()
     jobs = _jobs(entries, labels, truth_coords, factor, config, record, shapes)
     with progress_bar(quiet, extra="{task.fields[patches]} patches") as progress:
         task = progress.add_task("extract", total=len(entries), patches=0)
@@ -460,41 +379,40 @@ def _extract_into(out_dir: Path, entries: list[MicrographEntry], shapes: list, l
                     raise CryopickError(f"{entry.path}: {result.error}")
                 warn(f"{entry.path}: {result.error} (skipped)")
                 summary.skipped.append((str(entry.path), result.error))
-                failed.add(result.index)
             else:
-                split = splits[result.index]
-                w = writers[split]
-                w.add("positive", result.positive, result.index, result.positive_xy)
-                w.add("unlabeled", result.unlabeled, result.index, result.unlabeled_xy,
-                      result.unlabeled_truth_distance)
-                summary.n_positive[split] += len(result.positive)
-                summary.n_unlabeled[split] += len(result.unlabeled)
-                summary.n_labelled_micrographs[split] += int(len(result.positive) > 0)
-                summary.n_padded += result.n_padded
-                summary.n_outside += result.n_outside
-                summary.n_used += 1
+                _add_patches(writer, entry, splits[result.index], result, summary)
                 n_done += len(result.positive) + len(result.unlabeled)
-                if result.binned is not None:
-                    labelled_micrographs.append(_labelled_micrograph(entry.name, split, result))
             mic_records.append(_micrograph_record(entry, splits[result.index], shapes[result.index], result))
             progress.update(task, advance=1, patches=n_done)
-    for w in writers.values():
-        w.flush()
     if summary.n_used == 0:
         raise CryopickError("no usable micrographs: every micrograph failed (listed above)")
     if summary.n_positive["train"] == 0:
         raise CryopickError("no positive patch in the training split (all labelled coordinates fell outside?)")
-    save_torch_atomic(out_dir / LABELLED_MICROGRAPHS, {"micrographs": labelled_micrographs})
-    _write_manifest(out_dir, config, record, mic_records, chunks, summary, has_truth)
+    writer.finish(record, has_truth, mic_records, {
+        "n_padded": summary.n_padded,
+        "n_outside": summary.n_outside,
+        "skipped": [{"path": p, "reason": r} for p, r in summary.skipped],
+        "inputs": summary.inputs,
+        "unmatched_coordinates": summary.unmatched,
+    })
     write_text_atomic(out_dir / CONFIG_NAME, dump_yaml(config))
 
 
-def _labelled_micrograph(name: str, split: str, result: MicrographPatches) -> dict:
-    """A labelled micrograph as pick sees it (binned, float16) and its labels: what calibration scores."""
-    return {"name": name, "split": split, "binned": torch.from_numpy(result.binned),
-            "scales": torch.tensor(result.scales, dtype=torch.float64),
-            "shape": torch.tensor(result.shape, dtype=torch.int64),
-            "labels": torch.from_numpy(np.asarray(result.positive_xy, dtype=np.float32).reshape(-1, 2))}
+def _add_patches(writer: DatasetWriter, entry: MicrographEntry, split: str, result: MicrographPatches,
+                 summary: ExtractSummary) -> None:
+    """One micrograph's patches (and, if labelled, its binned image) into the dataset, counted."""
+    writer.add(split, "positive", result.positive, result.index, result.positive_xy)
+    writer.add(split, "unlabeled", result.unlabeled, result.index, result.unlabeled_xy,
+               result.unlabeled_truth_distance)
+    summary.n_positive[split] += len(result.positive)
+    summary.n_unlabeled[split] += len(result.unlabeled)
+    summary.n_labelled_micrographs[split] += int(len(result.positive) > 0)
+    summary.n_padded += result.n_padded
+    summary.n_outside += result.n_outside
+    summary.n_used += 1
+    if result.binned is not None:
+        writer.add_labelled_micrograph(entry.name, split, result.binned, result.scales, result.shape,
+                                       result.positive_xy)
 
 
 def _micrograph_record(entry: MicrographEntry, split: str, shape, result: MicrographPatches) -> dict:
@@ -508,34 +426,6 @@ def _micrograph_record(entry: MicrographEntry, split: str, shape, result: Microg
         "n_unlabeled": int(len(result.unlabeled)) if not result.error else 0,
         "error": result.error,
     }
-
-
-def _write_manifest(out_dir: Path, config: ExtractConfig, record: PreprocessRecord, mics: list[dict],
-                    chunks: list[dict], summary: ExtractSummary, has_truth: bool) -> None:
-    counts = {
-        s: {"positive": summary.n_positive[s], "unlabeled": summary.n_unlabeled[s],
-            "micrographs": sum(1 for m in mics if m["split"] == s and not m["error"])}
-        for s in ("train", "val")
-    }
-    write_json_atomic(out_dir / MANIFEST, {
-        "format": "cryopick-dataset",
-        "format_version": DATASET_FORMAT,
-        "cryopick_version": __version__,
-        "patch_size": config.patch_size,
-        "dtype": "float16",
-        "preprocess": record.to_dict(),
-        "pixel_size": record.pixel_size,
-        "binned_pixel_size": record.binned_pixel_size,
-        "has_truth": has_truth,
-        "counts": counts,
-        "chunks": chunks,
-        "micrographs": mics,
-        "n_padded": summary.n_padded,
-        "n_outside": summary.n_outside,
-        "skipped": [{"path": p, "reason": r} for p, r in summary.skipped],
-        "inputs": summary.inputs,
-        "unmatched_coordinates": summary.unmatched,
-    })
 
 
 def print_summary(summary: ExtractSummary) -> None:

@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from cryopick.dataset import reflect_pad
 from cryopick.device import autocast_factory, channels_last
 from cryopick.errors import CryopickError, InputFileError
 from cryopick.model import PatchClassifier
@@ -77,13 +77,6 @@ def tile_margin(model: PatchClassifier) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # dense scoring
-
-
-def reflect_pad(binned: torch.Tensor, pad: int) -> torch.Tensor:
-    """``(N, 1, H, W)`` padded by reflection without edge repeat (numpy's ``mode="reflect"``)."""
-    if min(binned.shape[-2:]) <= pad:
-        raise CryopickError(f"binned micrograph {tuple(binned.shape[-2:])} is too small for {pad} px of padding")
-    return F.pad(binned, (pad, pad, pad, pad), mode="reflect")
 
 
 def tiled_score_map(model: PatchClassifier, padded: torch.Tensor, tile_size: int, margin: int) -> torch.Tensor:

@@ -21,11 +21,12 @@ from rich.table import Table
 from cryopick.calibrate import Calibration
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.config import PickConfig, dump_yaml, validate
+from cryopick.dataset import fits_edge_padding
 from cryopick.device import resolve_device
 from cryopick.errors import CryopickError, InputFileError
 from cryopick.fsutil import check_output_dir, discard_dir, safe_join, write_text_atomic
 from cryopick.inference import DenseScorer, LoadedMicrograph, LoadFailure, iter_batches, iter_loaded
-from cryopick.io.micrographs import MicrographEntry, find_micrographs
+from cryopick.io.micrographs import find_micrographs
 from cryopick.io.mrc import read_header, read_micrograph
 from cryopick.io.outputs import (
     CONFIG_NAME,
@@ -52,7 +53,7 @@ from cryopick.nms import (
     select_picks,
     threshold_for_expected,
 )
-from cryopick.preprocessing import PreprocessRecord, micrograph_factor, preprocess
+from cryopick.preprocessing import PreprocessRecord, micrograph_factor, micrograph_pixel_size, preprocess
 from cryopick.preview import preview_image, write_png
 from cryopick.progress import console, info, progress_bar, warn
 from cryopick.report import next_steps_pick, pick_count_lines, pick_counts
@@ -102,24 +103,15 @@ def box_size_px(record: PreprocessRecord, pixel_size: float) -> int:
 # loading: the checkpoint's preprocessing at each micrograph's own pixel size
 
 
-def micrograph_pixel_size(entry: MicrographEntry, config: PickConfig, header_pixel_size: float | None
-                          ) -> float | None:
-    """--pixel-size, else the micrographs STAR, else the MRC header."""
-    for value in (config.pixel_size, entry.pixel_size, header_pixel_size):
-        if value is not None and value > 0:
-            return float(value)
-    return None
-
-
 def load_micrograph(plan: PlannedMicrograph, record: PreprocessRecord, config: PickConfig) -> LoadedMicrograph:
     """Read and preprocess exactly as training did, at the trained binned pixel size."""
     header = read_header(plan.entry.path)
-    pixel_size = micrograph_pixel_size(plan.entry, config, header.pixel_size)
+    pixel_size = micrograph_pixel_size(config.pixel_size, plan.entry.pixel_size, header.pixel_size)
     image = read_micrograph(plan.entry.path)
     binned, scales = preprocess(image, micrograph_factor(record, pixel_size))
-    pad = record.patch_size // 2
-    if min(binned.shape) <= pad:
-        raise InputFileError(plan.entry.path, f"too small: {tuple(binned.shape)} binned px, needs more than {pad}")
+    if not fits_edge_padding(binned.shape, record.patch_size):
+        raise InputFileError(plan.entry.path, f"too small: {tuple(binned.shape)} binned px, needs more than "
+                             f"{record.patch_size // 2}")
     return LoadedMicrograph(plan, binned, scales, tuple(image.shape), pixel_size or record.pixel_size,
                             pixel_size is not None)
 
@@ -398,7 +390,7 @@ def _pixel_size_for_outputs(plan: PlannedMicrograph, config: PickConfig, record:
         header_pixel_size = read_header(plan.entry.path).pixel_size
     except InputFileError:
         header_pixel_size = None
-    return micrograph_pixel_size(plan.entry, config, header_pixel_size) or record.pixel_size
+    return micrograph_pixel_size(config.pixel_size, plan.entry.pixel_size, header_pixel_size) or record.pixel_size
 
 
 def write_run_files(micrographs: str | Path, out_root: Path, out_dir_given: Path, plans: list[PlannedMicrograph],

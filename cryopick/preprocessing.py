@@ -180,3 +180,12 @@ def micrograph_factor(record: PreprocessRecord, micrograph_pixel_size: float | N
     if micrograph_pixel_size is None or micrograph_pixel_size <= 0:
         return record.bin_factor
     return record.binned_pixel_size / micrograph_pixel_size
+
+
+def micrograph_pixel_size(given: float | None, star: float | None, header: float | None) -> float | None:
+    """A micrograph's pixel size (Å/px): the one given (--pixel-size), else its micrographs STAR's, else its
+    MRC header's; None when none is a positive number."""
+    for value in (given, star, header):
+        if value is not None and value > 0:
+            return float(value)
+    return None

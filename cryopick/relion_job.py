@@ -287,7 +287,8 @@ def _use_threads(threads: int, device: str) -> None:
 def _train(inputs: RelionJobInputs, settings: RelionJobSettings, abort: AbortWatch, quiet: bool) -> Path | None:
     """Extract + train inside the job directory; the best checkpoint, or None when aborted."""
     from cryopick.config import ExtractConfig, TrainConfig, resolve
-    from cryopick.extract import MANIFEST, extract, print_summary
+    from cryopick.dataset import MANIFEST
+    from cryopick.extract import extract, print_summary
     from cryopick.train import train
 
     coords = inputs.in_coords or inputs.in_parts

@@ -5,7 +5,6 @@ Pure functions returning text (no printing, no torch), so each is tested on know
 
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,15 +50,6 @@ def next_steps_extract(data_dir: str | Path, cuda: bool) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # train
-
-
-def dataset_micrographs(data_dir: str | Path) -> str | None:
-    """The micrographs argument extract was given, as recorded in the dataset's manifest (None if unknown)."""
-    try:
-        manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return (manifest.get("inputs") or {}).get("micrographs")
 
 
 def train_summary(monitor: str, best_value: float, best_epoch: int, epochs_run: int, exp_dir: Path,

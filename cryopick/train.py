@@ -30,7 +30,8 @@ from cryopick.augment import strong_augment, weak_augment
 from cryopick.checkpoint import load_checkpoint, save_checkpoint
 from cryopick.config import TrainConfig, dump_yaml, to_dict
 from cryopick.config import validate as validate_config
-from cryopick.data import PatchDataset, PUBatchSampler, SplitData, batch_composition, load_dataset
+from cryopick.data import PatchDataset, PUBatchSampler, SplitData, batch_composition
+from cryopick.dataset import dataset_micrographs, load_dataset
 from cryopick.device import autocast_factory, resolve_device
 from cryopick.ema import EMATeacher
 from cryopick.errors import CryopickError
@@ -46,7 +47,7 @@ from cryopick.fsutil import (
 from cryopick.losses import consistency_loss, entropy_loss, nnpu_loss, prior_from_expected_particles, ramp
 from cryopick.model import PatchClassifier
 from cryopick.progress import console, info, progress_bar, warn
-from cryopick.report import dataset_micrographs, next_steps_train, train_summary
+from cryopick.report import next_steps_train, train_summary
 from cryopick.trainplan import (CostEstimate, epoch_line, first_epoch_best_warning, forwards_per_step,
                                 threshold_report, validation_budget, validation_subset)
 

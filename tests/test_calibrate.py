@@ -94,7 +94,7 @@ def trained(tmp_path_factory):
 
 
 def test_extract_keeps_the_labelled_micrographs_binned(trained):
-    from cryopick.data import load_labelled_micrographs
+    from cryopick.dataset import load_labelled_micrographs
 
     mics = load_labelled_micrographs(trained / "ds")
     assert len(mics) == 2 and {m["split"] for m in mics} == {"train", "val"}
@@ -134,7 +134,7 @@ def test_an_old_dataset_asks_for_a_new_extract(trained, tmp_path):
     import json
     import shutil
 
-    from cryopick.data import load_dataset
+    from cryopick.dataset import load_dataset
 
     old = tmp_path / "old"
     shutil.copytree(trained / "ds", old)

@@ -1,11 +1,9 @@
-"""Checkpoints round-trip and refuse other formats; datasets load from a directory or one file."""
+"""Checkpoints round-trip and refuse other formats; unlabeled patches can be limited to labelled micrographs."""
 
-import numpy as np
 import pytest
 import torch
 
 from cryopick.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
-from cryopick.data import load_dataset
 from cryopick.errors import CryopickError
 from cryopick.model import PatchClassifier
 from cryopick.preprocessing import PreprocessRecord
@@ -48,31 +46,6 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
     torch.save({"format": "cryopick-checkpoint", "obj": object()}, tmp_path / "evil.pt")
     with pytest.raises(CryopickError, match="not a readable cryopick checkpoint"):
         load_checkpoint(tmp_path / "evil.pt")
-
-
-def test_single_preprocessed_data_file_is_split_by_micrograph(tmp_path):
-    rng = np.random.default_rng(0)
-    pos_mic = torch.tensor([0, 1, 4, 4, 9])
-    unl_mic = torch.arange(20) % 10
-    data = {
-        "patches": {"positive": torch.tensor(rng.normal(size=(5, 128, 128)), dtype=torch.float16),
-                    "unlabeled": torch.tensor(rng.normal(size=(20, 128, 128)), dtype=torch.float16)},
-        "metadata": {"preprocess": RECORD.to_dict(),
-                     "positive": {"micrograph": pos_mic}, "unlabeled": {"micrograph": unl_mic}},
-    }
-    torch.save(data, tmp_path / "preprocessed_data.pt")
-    ds = load_dataset(tmp_path / "preprocessed_data.pt")
-    # micrographs 4 and 9 (index mod 5 == 4) are held out
-    assert len(ds.val.positive) == 3 and len(ds.train.positive) == 2
-    assert len(ds.val.unlabeled) == 4 and len(ds.train.unlabeled) == 16
-    assert ds.record == RECORD
-    assert torch.equal(ds.val.positive[0], data["patches"]["positive"][2])
-
-
-def test_interrupted_extraction_is_named(tmp_path):
-    (tmp_path / "chunk_00000.pt").write_bytes(b"")
-    with pytest.raises(CryopickError, match="interrupted"):
-        load_dataset(tmp_path)
 
 
 def test_unlabeled_can_be_restricted_to_labelled_micrographs():

@@ -7,7 +7,8 @@ import torch
 
 from cryopick.config import ExtractConfig
 from cryopick.errors import CryopickError
-from cryopick.extract import extract, reflect_pad, split_micrographs
+from cryopick.dataset import reflect_pad
+from cryopick.extract import extract, split_micrographs
 from cryopick.io.mrc import read_micrograph, write_mrc
 from cryopick.io.relion import write_coordinate_star
 from cryopick.preprocessing import preprocess
@@ -47,7 +48,7 @@ def test_extract_writes_chunks_manifest_and_exact_patches(tiny_project):
         for k, patch in enumerate(chunk["patches"]["positive"]):
             mic = names[int(meta["micrograph"][k])]
             image, (sy, sx) = preprocess(read_micrograph(mic["path"]), 2.0)
-            padded = reflect_pad(image.numpy(), 64)
+            padded = reflect_pad(image, 64).numpy()
             x, y = float(meta["x"][k]), float(meta["y"][k])
             cx, cy = int(round(x / sx)), int(round(y / sy))
             expected = padded[cy:cy + 128, cx:cx + 128]

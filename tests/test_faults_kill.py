@@ -18,7 +18,7 @@ import torch
 
 from cryopick.checkpoint import load_checkpoint
 from cryopick.config import ExtractConfig, PickConfig, TrainConfig, resolve
-from cryopick.data import load_dataset
+from cryopick.dataset import load_dataset
 from cryopick.extract import extract
 from cryopick.fsutil import recover_replaced_dir
 from cryopick.pick import pick

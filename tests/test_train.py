@@ -9,7 +9,8 @@ import torch
 
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.config import ExtractConfig, TrainConfig, resolve
-from cryopick.data import PUBatchSampler, batch_composition, load_dataset
+from cryopick.data import PUBatchSampler, batch_composition
+from cryopick.dataset import load_dataset
 from cryopick.errors import CryopickError
 from cryopick.extract import extract
 from cryopick.simulate import SimulationParams, simulate
