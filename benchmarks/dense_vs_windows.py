@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
-from cryopick.evaluate import evaluate_coordinates
 from cryopick.dataset import reflect_pad
+from cryopick.evaluate import evaluate_coordinates
 from cryopick.inference import MapGeometry, dense_score_map
 from cryopick.io.coords import read_coordinates
 from cryopick.io.matching import match_coordinates

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryopick.checkpoint import save_checkpoint  # noqa: E402
 from cryopick.config import PickConfig  # noqa: E402
-from cryopick.device import autocast_factory, channels_last, resolve_device  # noqa: E402
 from cryopick.dataset import reflect_pad  # noqa: E402
+from cryopick.device import autocast_factory, channels_last, resolve_device  # noqa: E402
 from cryopick.io.mrc import read_micrograph, write_mrc  # noqa: E402
 from cryopick.model import PatchClassifier  # noqa: E402
 from cryopick.pick import pick  # noqa: E402
