@@ -1,4 +1,4 @@
-"""Choosing the torch device, the same way for train and pick (torchrun-aware)."""
+"""The torch device, the same way for train and pick (torchrun-aware), and its autocast and input layout."""
 
 from __future__ import annotations
 
@@ -23,3 +23,16 @@ def resolve_device(name: str, environ=os.environ) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise CryopickError(f"unknown device '{name}' (auto, cpu, cuda or cuda:N)") from None
+
+
+def autocast_factory(bf16: bool):
+    """A context-manager factory: bf16 autocast on CUDA, or a disabled one."""
+    if bf16:
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return lambda: torch.autocast("cpu", enabled=False)
+
+
+def to_input(patches: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A batch of (N, H, W) patches as the model's float (N, 1, H, W) input, channels-last where asked."""
+    x = patches.float().unsqueeze(1)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
