@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+# numpy before torch: torch's C init imports numpy and swallows a Ctrl-C/SIGTERM that lands there, leaving a
+# half-imported numpy instead of a clean interrupt
+import numpy  # noqa: F401
 import torch
 
 from cryopick.checkpoint import load_checkpoint, save_checkpoint
