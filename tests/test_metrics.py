@@ -79,3 +79,21 @@ def test_pu_corrected_auc():
     assert pu_corrected_auc(0.75, 0.0) == 0.75
     with pytest.raises(CryopickError, match="prior"):
         pu_corrected_auc(0.8, 1.0)
+
+
+def _imported_by(module: str) -> set[str]:
+    """The cryopick modules a fresh interpreter has loaded after importing ``module``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = f"import sys, {module}; print(' '.join(m for m in sys.modules if m.startswith('cryopick')))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True,
+                          env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"})
+    return set(done.stdout.split())
+
+
+def test_evaluation_and_training_do_not_import_each_other():
+    assert not {"cryopick.train", "cryopick.trainstep"} & _imported_by("cryopick.evaluate, cryopick.validation")
+    assert "cryopick.evaluate" not in _imported_by("cryopick.train")
