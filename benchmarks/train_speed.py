@@ -20,10 +20,10 @@ import torch
 
 from cryopick.config import TrainConfig
 from cryopick.data import PUBatchSampler, batch_composition
-from cryopick.device import autocast_factory, resolve_device
+from cryopick.device import autocast_factory, resolve_device, to_input
 from cryopick.ema import EMATeacher
 from cryopick.model import PatchClassifier
-from cryopick.train import make_optimizer, make_views, optimisation_step, step_loss, to_input
+from cryopick.trainstep import make_optimizer, make_views, optimisation_step, step_loss
 
 
 def run(backbone: str, device: torch.device, steps: int, batch: int, amp: bool, compile_model: bool) -> dict:

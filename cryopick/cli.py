@@ -326,7 +326,7 @@ def evaluate(
         if model is None:
             raise CryopickError("patch-level evaluation needs --model CKPT with --data-dir")
         from cryopick.fsutil import write_json_atomic
-        from cryopick.train import evaluate_patches
+        from cryopick.validation import evaluate_patches
 
         metrics = evaluate_patches(model, data_dir, split, threshold if threshold is not None else 0.5, device)
         _print_patch_metrics(metrics)

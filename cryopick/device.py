@@ -43,3 +43,9 @@ def channels_last(x: T, enabled: bool) -> T:
     if isinstance(x, torch.nn.Module):
         return x.to(memory_format=torch.channels_last)
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def to_input(patches: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A batch of (N, H, W) patches as the model's float (N, 1, H, W) input, channels-last where asked."""
+    x = patches.float().unsqueeze(1)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

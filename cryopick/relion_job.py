@@ -183,9 +183,9 @@ class AbortWatch:
     def interrupting(self) -> Iterator[None]:
         """While inside, an abort file sends this process SIGINT once.
 
-        cryopick.train's StopRequest turns SIGINT into "finish this step, save last.pt, return interrupted",
-        so an abort during training stops cleanly and "continue" resumes it. Only from the main thread,
-        where Python delivers signals.
+        The StopRequest train installs (cryopick.runtime) turns SIGINT into "finish this step, save last.pt,
+        return interrupted", so an abort during training stops cleanly and "continue" resumes it. Only from the
+        main thread, where Python delivers signals.
         """
         if threading.current_thread() is not threading.main_thread():
             yield

@@ -4,16 +4,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import DEV_SHELL
 
 from cryopick.config import ExtractConfig
-from cryopick.errors import CryopickError
 from cryopick.dataset import reflect_pad
+from cryopick.errors import CryopickError
 from cryopick.extract import extract, split_micrographs
 from cryopick.io.mrc import read_micrograph, write_mrc
 from cryopick.io.relion import write_coordinate_star
 from cryopick.preprocessing import preprocess
-
-from conftest import DEV_SHELL
 
 
 def _config(**kw):

@@ -3,8 +3,16 @@ import pytest
 import torch
 
 from cryopick.errors import CryopickError
-from cryopick.preprocessing import (PreprocessRecord, axis_scales, binned_shape, choose_bin_factor, fourier_crop,
-                                    micrograph_factor, preprocess, robust_normalise)
+from cryopick.preprocessing import (
+    PreprocessRecord,
+    axis_scales,
+    binned_shape,
+    choose_bin_factor,
+    fourier_crop,
+    micrograph_factor,
+    preprocess,
+    robust_normalise,
+)
 
 
 def test_bin_factor_puts_particle_at_half_the_patch():

@@ -38,7 +38,7 @@ from cryopick.relion_job import (
     relion_version,
     write_relion_outputs,
 )
-from cryopick.train import StopRequest
+from cryopick.runtime import StopRequest
 
 JOB = "External/job005/"
 MICS_STAR = "CtfFind/job003/micrographs_ctf.star"
@@ -214,7 +214,7 @@ def test_abort_before_start_does_nothing_but_say_so(project):
 
 def test_abort_during_training_becomes_a_clean_stop_request(tmp_path):
     watch = AbortWatch(tmp_path)
-    stop = StopRequest()  # what cryopick.train installs: SIGINT → stop after this step
+    stop = StopRequest()  # what cryopick.train installs (cryopick.runtime): SIGINT → stop after this step
     try:
         with watch.interrupting():
             (tmp_path / ABORT_NOW).touch()

@@ -3,17 +3,22 @@
 import re
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from cryopick.cli import app
 from cryopick.config import ExtractConfig
-from cryopick.extract import extract, next_steps, print_summary
+from cryopick.extract import extract, print_summary
 from cryopick.pick import PickSummary
 from cryopick.pick import next_steps as pick_next_steps
 from cryopick.pick import print_summary as print_pick_summary
-from cryopick.report import (holdout_warning, next_steps_extract, next_steps_train, pick_count_lines, pick_counts,
-                             train_summary)
+from cryopick.report import (
+    holdout_warning,
+    next_steps_extract,
+    next_steps_train,
+    pick_count_lines,
+    pick_counts,
+    train_summary,
+)
 
 
 def _plain(text: str) -> str:

@@ -3,7 +3,6 @@ import math
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,7 +13,9 @@ from cryopick.dataset import load_dataset
 from cryopick.errors import CryopickError
 from cryopick.extract import extract
 from cryopick.simulate import SimulationParams, simulate
-from cryopick.train import lr_at, positive_radius_px, resolve_prior, train
+from cryopick.train import resolve_prior, train
+from cryopick.trainstep import lr_at
+from cryopick.validation import positive_radius_px
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_lr_schedule_warmup_then_cosine():
 def test_prior_from_expected_particles_uses_the_positive_radius(dataset_dir, tmp_path):
     cfg = _config(dataset_dir, tmp_path, **{"loss.expected_particles": 20.0})
     ds = load_dataset(dataset_dir)
-    r = positive_radius_px(cfg, ds)
+    r = positive_radius_px(cfg.data.max_shift, ds.record)
     assert r == pytest.approx(0.125 * 80.0)  # max_shift × diameter (80 binned px)
     assert resolve_prior(cfg, ds) == pytest.approx(20 * math.pi * r**2 / (384 * 384))
     assert resolve_prior(_config(dataset_dir, tmp_path), ds) == 0.3

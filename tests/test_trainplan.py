@@ -12,9 +12,18 @@ from cryopick.data import SplitData
 from cryopick.extract import extract
 from cryopick.simulate import SimulationParams, simulate
 from cryopick.train import summary_lines, train
-from cryopick.trainplan import (VAL_MIN_PATCHES, CostEstimate, epoch_line, first_epoch_best_warning, format_duration,
-                                forwards_per_step, spread_indices, threshold_report, validation_budget,
-                                validation_subset)
+from cryopick.trainplan import (
+    VAL_MIN_PATCHES,
+    CostEstimate,
+    epoch_line,
+    first_epoch_best_warning,
+    format_duration,
+    forwards_per_step,
+    spread_indices,
+    threshold_report,
+    validation_budget,
+    validation_subset,
+)
 
 
 def _plain(text: str) -> str:
