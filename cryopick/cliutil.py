@@ -67,6 +67,9 @@ def user_errors(func: Callable) -> Callable:
             console.print(f"[red]error:[/red] {escape(where + (exc.strerror or str(exc)))}", highlight=False)
             raise typer.Exit(1)
         except Exception as exc:  # a bug, not bad input: still one line, the traceback on request
+            if _TERMINATED.is_set():  # SIGTERM inside a library's import or C code can surface as any exception
+                console.print("[red]interrupted[/red]")
+                raise typer.Exit(130)
             if os.environ.get("CRYOPICK_DEBUG"):
                 raise
             console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
@@ -79,12 +82,16 @@ def user_errors(func: Callable) -> Callable:
     return wrapper
 
 
+_TERMINATED = threading.Event()
+
+
 def _terminate_as_interrupt():
     """SIGTERM (cluster schedulers, kill) unwinds like Ctrl-C, so partial outputs are cleaned up."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def interrupt(signum, frame):
+        _TERMINATED.set()
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGTERM, interrupt)

@@ -145,9 +145,9 @@ def test_cost_line_is_printed_and_measuring_leaves_the_run_unchanged(dataset_dir
     assert [r["val_auc_pu"] for r in quiet] == [r["val_auc_pu"] for r in loud]
     n_val = loud[0]["val_n_positive"] + loud[0]["val_n_unlabeled"]
     assert f"training plan: 3 steps/epoch × 2 epochs, 96 samples/epoch; {n_val} held-out patches" in err
-    m = re.search(r"resnet8 on cpu: 3 steps/epoch × 2 epochs, ~(\d+) samples/s → ~(\d+) s/epoch, ~(\d+) s total", err)
-    assert m, err
-    rate, per_epoch, total = (int(v) for v in m.groups())
+    m = re.search(r"resnet8 on cpu: 3 steps/epoch × 2 epochs, ~([\d.]+) samples/s → ~(\d+) s/epoch, ~(\d+) s total", err)
+    assert m, err  # below 10 samples/s (a loaded machine) the rate has one decimal
+    rate, per_epoch, total = (float(v) for v in m.groups())
     assert rate > 0 and per_epoch >= 96 / rate * 0.5 and abs(total - 2 * per_epoch) <= 2
     assert "epoch 1/2: held-out recall" in err and "epoch 2/2: held-out recall" in err
     summary, command, _ = summary_lines(result, _config(dataset_dir, tmp_path / "l"))
