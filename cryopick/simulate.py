@@ -940,6 +940,30 @@ def simulate(out_dir: str | Path, params: SimulationParams | None = None, quiet:
     write_json_atomic(out / "case.json", case)  # marks the directory as a simulation even if interrupted
 
     stems = [f"{params.prefix}_mic{i:03d}" for i in range(params.n_micrographs)]
+    records, truths, ctfs = _write_micrographs(out, params, model, stems, quiet)
+
+    labels = make_labels(params, truths)
+    for i, xy in labels.items():
+        write_coordinate_star(out / "labels" / f"{stems[i]}.star", xy[:, 0], xy[:, 1], np.ones(len(xy)))
+    for i, record in enumerate(records):
+        record["labelled"] = i in labels
+        record["n_labels"] = int(len(labels.get(i, ())))
+
+    write_micrographs_star(
+        out / "micrographs.star", [r["file"] for r in records], params.pixel_size, voltage=VOLTAGE_KV, cs=CS_MM,
+        amplitude_contrast=round(amplitude_contrast, 4),
+        extra={"rlnDefocusU": [c.defocus_u for c in ctfs], "rlnDefocusV": [c.defocus_v for c in ctfs],
+               "rlnDefocusAngle": [c.defocus_angle for c in ctfs], "rlnCtfBfactor": [-c.b_factor for c in ctfs]},
+    )
+    case.update(_case_summary(params, records, stems, labels))
+    n_particles, n_labels = case["n_particles"], case["n_labels"]
+    write_json_atomic(out / "case.json", case)
+    info(f"simulated {params.n_micrographs} micrographs, {n_particles} particles, {n_labels} labels -> {out}", quiet)
+    return case
+
+
+def _write_micrographs(out: Path, params: SimulationParams, model, stems: list[str], quiet: bool):
+    """Simulate and write every micrograph and its truth; returns their records, truths and CTFs."""
     records, truths, ctfs = [], {}, []
     with progress_bar(quiet) as bar:
         task = bar.add_task("simulating micrographs", total=params.n_micrographs)
@@ -956,23 +980,14 @@ def simulate(out_dir: str | Path, params: SimulationParams | None = None, quiet:
                      "(minimum distance and contamination)")
             del mic  # frees its image-sized arrays before the next micrograph allocates its own
             bar.advance(task)
+    return records, truths, ctfs
 
-    labels = make_labels(params, truths)
-    for i, xy in labels.items():
-        write_coordinate_star(out / "labels" / f"{stems[i]}.star", xy[:, 0], xy[:, 1], np.ones(len(xy)))
-    for i, record in enumerate(records):
-        record["labelled"] = i in labels
-        record["n_labels"] = int(len(labels.get(i, ())))
 
-    write_micrographs_star(
-        out / "micrographs.star", [r["file"] for r in records], params.pixel_size, voltage=VOLTAGE_KV, cs=CS_MM,
-        amplitude_contrast=round(amplitude_contrast, 4),
-        extra={"rlnDefocusU": [c.defocus_u for c in ctfs], "rlnDefocusV": [c.defocus_v for c in ctfs],
-               "rlnDefocusAngle": [c.defocus_angle for c in ctfs], "rlnCtfBfactor": [-c.b_factor for c in ctfs]},
-    )
+def _case_summary(params: SimulationParams, records: list[dict], stems: list[str], labels: dict) -> dict:
+    """The totals case.json records once every micrograph is written."""
     n_particles = sum(r["n_particles"] for r in records)
     n_labels = sum(r["n_labels"] for r in records)
-    case.update({
+    return {
         "complete": True,
         "n_micrographs": params.n_micrographs,
         "n_particles": n_particles,
@@ -989,7 +1004,4 @@ def simulate(out_dir: str | Path, params: SimulationParams | None = None, quiet:
                    ("n_particles", "n_partial_outside", "n_junk", "n_contamination", "n_labels")}
                   | {"n_carbon_micrographs": sum(r["carbon"] for r in records)},
         "micrographs": records,
-    })
-    write_json_atomic(out / "case.json", case)
-    info(f"simulated {params.n_micrographs} micrographs, {n_particles} particles, {n_labels} labels -> {out}", quiet)
-    return case
+    }
