@@ -104,6 +104,11 @@ def extract(
     coord_scale: Optional[float] = typer.Option(None, "--coord-scale", help="Multiply input coordinates by this (e.g. "
                                                 "Topaz tables in binned pixels) to get original micrograph pixels."
                                                 + default(ExtractConfig, "coord_scale")),
+    cs_flip_y: Optional[bool] = typer.Option(None, "--cs-flip-y/--no-cs-flip-y", metavar="", help="cryoSPARC .cs "
+                                             "labels: y = (1 − center_y_frac)·ny (cryoSPARC's lower-left origin, right "
+                                             "for the micrographs cryoSPARC picked on); --no-cs-flip-y for picks made "
+                                             "on cryoSPARC Patch Motion output used with RELION/MotionCor2 micrographs."
+                                             + default(ExtractConfig, "cs_flip_y")),
     truth: Optional[str] = typer.Option(None, "--truth", help="Full ground truth (simulated data): recorded so "
                                         "training can report true validation metrics. Never used for training."),
     project_dir: Optional[Path] = typer.Option(None, "--project-dir", help="RELION project directory that "
@@ -121,7 +126,7 @@ def extract(
     overrides = {"diameter": diameter, "bin": bin_factor, "target_pixel_size": target_pixel_size,
                  "pixel_size": pixel_size, "unlabeled_per_micrograph": unlabeled, "val_fraction": val_fraction,
                  "chunk_size": chunk_size, "workers": workers, "seed": seed, "overwrite": overwrite or None,
-                 "strict": strict or None, "coord_scale": coord_scale}
+                 "strict": strict or None, "coord_scale": coord_scale, "cs_flip_y": cs_flip_y}
     cfg = resolve(ExtractConfig, config, overrides)
     summary = run(micrographs, coords, out, cfg, truth=truth, project_dir=project_dir, quiet=quiet)
     if not quiet:

@@ -38,6 +38,7 @@ class ExtractConfig:
     overwrite: bool = False
     strict: bool = False
     coord_scale: float = 1.0  # multiply input coordinates (e.g. Topaz tables written in binned pixels)
+    cs_flip_y: bool = True  # cryoSPARC .cs labels: y from its lower-left origin (off: picks made on flipped micrographs)
 
 
 @dataclass

@@ -327,7 +327,8 @@ def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, co
     entries = find_micrographs(micrographs, project_dir=project_dir)
     summary.n_micrographs = len(entries)
     entries, shapes, pixel_size = _pixel_sizes(entries, config, summary, config.strict)
-    tables = read_coordinates(coords, coord_scale=config.coord_scale, micrograph_pixel_size=pixel_size)
+    tables = read_coordinates(coords, coord_scale=config.coord_scale, micrograph_pixel_size=pixel_size,
+                              cs_flip_y=config.cs_flip_y)
     for message in tables.warnings:
         warn(message)
     match = match_coordinates(entries, tables)

@@ -100,3 +100,15 @@ def test_pick_writes_a_cs_that_reads_back_as_its_picks(tmp_path, monkeypatch):
         np.testing.assert_allclose(got["y"], ours.y, atol=2e-3)
         assert len(got) == len(blobs[stem])
     assert "rlnMicrographName" in (tmp_path / "out/particles_cryopick.star").read_text()
+
+
+def test_no_cs_flip_y_reaches_the_reader_from_extract_options(tiny_project):
+    root, _ = tiny_project
+    rows = [(f"J1/imported/{UID}_mic_a.mrc", (180, 300), 0.25, 0.1)]
+    np.save(root / "picks.npy", cs_array(rows))
+    (root / "picks.npy").rename(root / "picks.cs")
+    from cryopick.config import ExtractConfig
+
+    for flip, y in ((ExtractConfig().cs_flip_y, 162.0), (False, 18.0)):
+        (table,) = read_coordinates(root / "picks.cs", cs_flip_y=flip)
+        np.testing.assert_allclose(table.coords["y"], [y], atol=1e-3)

@@ -78,7 +78,7 @@ def _is_candidate(path: Path) -> bool:
 
 
 def read_coordinates(spec: str | Path, coord_scale: float = 1.0, *,
-                     micrograph_pixel_size: float | None = None) -> CoordinateTables:
+                     micrograph_pixel_size: float | None = None, cs_flip_y: bool = True) -> CoordinateTables:
     """Find and read every coordinate file of ``spec``.
 
     With several files, files without coordinate columns (a micrographs STAR in a job directory) are skipped
@@ -89,7 +89,8 @@ def read_coordinates(spec: str | Path, coord_scale: float = 1.0, *,
     skipped = 0
     for path in files:
         try:
-            found = read_coordinate_file(path, coord_scale, micrograph_pixel_size=micrograph_pixel_size)
+            found = read_coordinate_file(path, coord_scale, micrograph_pixel_size=micrograph_pixel_size,
+                                         cs_flip_y=cs_flip_y)
         except MissingCoordinatesError as exc:
             if len(files) == 1:
                 raise
@@ -109,17 +110,18 @@ def _without_duplicates(tables: list[CoordinateTable]) -> list[CoordinateTable]:
 
 
 def read_coordinate_file(path: str | Path, coord_scale: float = 1.0, *,
-                         micrograph_pixel_size: float | None = None) -> CoordinateTables:
+                         micrograph_pixel_size: float | None = None, cs_flip_y: bool = True) -> CoordinateTables:
     """The coordinate tables in one file, centres multiplied by ``coord_scale``.
 
     ``micrograph_pixel_size`` (Å/px of the pixels the file's coordinates are in) is only used to re-centre
     particles STAR rows by ``rlnOriginXAngst/YAngst``; by default it comes from the file's optics table
     (rlnMicrographPixelSize, else rlnMicrographOriginalPixelSize, which is wrong when MotionCorr binned).
+    ``cs_flip_y``: cryoSPARC ``.cs`` fractions have a lower-left origin (see ``cryopick.io.cryosparc``).
     """
     if not (isinstance(coord_scale, (int, float)) and math.isfinite(coord_scale) and coord_scale > 0):
         raise CryopickError(f"coordinate scale must be a positive number, got {coord_scale!r}")
     warnings: list[str] = []
-    tables = CoordinateTables(_read_tables(Path(path), micrograph_pixel_size, True, warnings), warnings)
+    tables = CoordinateTables(_read_tables(Path(path), micrograph_pixel_size, True, warnings, cs_flip_y), warnings)
     dropped = sum(int(t.coords.attrs.get("dropped_nonfinite", 0)) for t in tables)
     if dropped:
         tables.warnings.append(f"{path}: {dropped} coordinate row(s) without a finite x/y (NaN, inf or missing) "
@@ -132,14 +134,14 @@ def read_coordinate_file(path: str | Path, coord_scale: float = 1.0, *,
 
 
 def _read_tables(path: Path, pixel_size: float | None, allow_list: bool,
-                 warnings: list[str]) -> list[CoordinateTable]:
+                 warnings: list[str], cs_flip_y: bool = True) -> list[CoordinateTable]:
     """Tables in ``path``; problems that do not stop the read are appended to ``warnings``."""
     if not path.is_file():
         raise InputFileError(path, "file not found" if not path.exists() else "not a regular file")
     if path.name.startswith(_SUFFIX_NODE_PREFIX):
         return _read_suffix_node(path, warnings)
     if is_cs_file(path):  # binary numpy: before the text sniffing below
-        return [CoordinateTable(path, name, coords) for name, coords in read_cs_locations(path)]
+        return [CoordinateTable(path, name, coords) for name, coords in read_cs_locations(path, cs_flip_y)]
     head = _read_head(path)
     if not head.strip():
         return [CoordinateTable(path, None, empty_coords())]  # RELION's empty coordinate table is a 0-byte file
