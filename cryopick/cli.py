@@ -238,7 +238,8 @@ def pick(
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: pick only micrographs k with k mod n = i "
                                         "(array jobs; under torchrun RANK/WORLD_SIZE are used)."),
     preview: Optional[int] = typer.Option(None, "--preview", help="Write PNG previews (binned, low-passed, picks as "
-                                          "circles) of this many micrographs to OUT/preview/."
+                                          "circles coloured red at the threshold to green at 1) of this many "
+                                          "micrographs to OUT/preview/<coordinate file name>.png."
                                           + default(PickConfig, "preview")),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."
                                          + default(PickConfig, "device")),
