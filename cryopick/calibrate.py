@@ -1,7 +1,7 @@
 """Pick-level calibration: what pick's score means, and how many particles there are, from the labels.
 
-After training, the final model scores labelled micrographs densely (the code pick runs: dense map, peaks,
-NMS). Their peaks are a mixture: particles and everything else. The labelled particles' peaks show what a
+After training, the final model scores labeled micrographs densely (the code pick runs: dense map, peaks,
+NMS). Their peaks are a mixture: particles and everything else. The labeled particles' peaks show what a
 particle's score looks like (f_P; unmatched labels count as "never picked"), all peaks give the mixture f.
 
 - **Mixture proportion** α (particles per peak): above any threshold t there are at least as many peaks
@@ -167,14 +167,14 @@ def _concave_majorant(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def fit_calibration(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels: int, n_micrographs: int,
                     held_out: bool, expected_particles: float | None = None) -> Calibration:
-    """Calibration from the peaks of ``n_micrographs`` labelled micrographs (see the module docstring).
+    """Calibration from the peaks of ``n_micrographs`` labeled micrographs (see the module docstring).
 
     ``expected_particles`` (per micrograph), when given, replaces the estimated count.
     """
     peaks = np.asarray(peak_scores, dtype=np.float64)
     labels = np.asarray(label_scores, dtype=np.float64)
     if len(peaks) == 0 or n_micrographs <= 0:
-        raise CryopickError("no peaks on the labelled micrographs: cannot calibrate")
+        raise CryopickError("no peaks on the labeled micrographs: cannot calibrate")
     if np.ptp(peaks) == 0:
         raise CryopickError("every peak has the same score (an untrained model?): cannot calibrate; "
                             "train longer, or pick with your own --threshold")

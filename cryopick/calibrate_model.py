@@ -1,4 +1,4 @@
-"""Calibrate a trained checkpoint on the labelled micrographs extract kept (see ``cryopick.calibrate``).
+"""Calibrate a trained checkpoint on the labeled micrographs extract kept (see ``cryopick.calibrate``).
 
 The micrographs are scored exactly as ``pick`` scores them (dense map, peaks, NMS at half the diameter);
 peaks are matched one-to-one to the labels within half the diameter (as ``evaluate`` matches). Labels of
@@ -15,7 +15,7 @@ import torch
 
 from cryopick.calibrate import Calibration, fit_calibration
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
-from cryopick.dataset import load_labelled_micrographs
+from cryopick.dataset import load_labeled_micrographs
 from cryopick.errors import CryopickError
 from cryopick.evaluate import match_picks
 from cryopick.fsutil import save_torch_atomic
@@ -44,20 +44,20 @@ def peak_scores(model, micrographs: list[dict], pad: int, radius_px: float, devi
 
 
 def calibration_micrographs(data_dir: str | Path) -> tuple[list[dict], bool]:
-    """Labelled validation micrographs when there are any (held out: True), else the training ones."""
-    mics = [m for m in load_labelled_micrographs(data_dir) if len(m["labels"])]
+    """Labeled validation micrographs when there are any (held out: True), else the training ones."""
+    mics = [m for m in load_labeled_micrographs(data_dir) if len(m["labels"])]
     held_out = [m for m in mics if m["split"] == "val"]
     return (held_out, True) if held_out else (mics, False)
 
 
 def calibrate_checkpoint(checkpoint: str | Path, data_dir: str | Path, expected_particles: float | None = None,
                          device: torch.device | str = "cpu") -> Calibration:
-    """Fit the calibration of ``checkpoint`` on ``data_dir``'s labelled micrographs and store it in the file."""
+    """Fit the calibration of ``checkpoint`` on ``data_dir``'s labeled micrographs and store it in the file."""
     ckpt = load_checkpoint(checkpoint)
     record = preprocess_from_checkpoint(ckpt)
     mics, held_out = calibration_micrographs(data_dir)
     if not mics:
-        raise CryopickError(f"{data_dir}: no labelled micrographs kept by extract (a dataset of format ≥ 2 "
+        raise CryopickError(f"{data_dir}: no labeled micrographs kept by extract (a dataset of format ≥ 2 "
                             "is needed): cannot calibrate")
     model = model_from_checkpoint(ckpt)
     radius = record.diameter_A / 2 / record.pixel_size

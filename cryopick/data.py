@@ -30,7 +30,7 @@ class SplitData:
         return SplitData(self.positive.to(device), self.unlabeled.to(device), self.unlabeled_truth_distance.to(device),
                          self.positive_micrograph, self.unlabeled_micrograph)
 
-    def unlabeled_from_labelled_micrographs(self) -> "SplitData":
+    def unlabeled_from_labeled_micrographs(self) -> "SplitData":
         """Only the unlabeled patches of micrographs that also gave positives (unchanged when unknown)."""
         if self.positive_micrograph is None or self.unlabeled_micrograph is None:
             return self

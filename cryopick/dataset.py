@@ -2,7 +2,7 @@
 
 A dataset directory holds ``chunk_NNNNN.pt`` files (plain dicts of tensors, read with
 ``torch.load(..., weights_only=True)``; each chunk holds patches of one split, train or val),
-``labelled_micrographs.pt`` (the binned labelled micrographs, which calibrate pick's probabilities),
+``labeled_micrographs.pt`` (the binned labeled micrographs, which calibrate pick's probabilities),
 ``extract_config.yaml`` and ``manifest.json`` (written last: a directory without it is an interrupted
 extraction). A patch is the ``patch_size``² window of the binned, normalised micrograph centred on a
 binned pixel; past an edge it sees the micrograph reflected (no edge repeat), as pick's dense maps do.
@@ -23,16 +23,16 @@ from cryopick.errors import CryopickError
 from cryopick.fsutil import save_torch_atomic, write_json_atomic
 from cryopick.preprocessing import PreprocessRecord
 
-DATASET_FORMAT = 2  # 2: adds labelled_micrographs.pt (binned labelled micrographs, for pick calibration)
+DATASET_FORMAT = 2  # 2: adds labeled_micrographs.pt (binned labeled micrographs, for pick calibration)
 MANIFEST = "manifest.json"
 CONFIG_NAME = "extract_config.yaml"
-LABELLED_MICROGRAPHS = "labelled_micrographs.pt"
+LABELED_MICROGRAPHS = "labeled_micrographs.pt"
 KINDS = ("positive", "unlabeled")
 
 
 def is_dataset_file(name: str) -> bool:
     """Whether a file of this name belongs to a dataset directory (chunks, their temporary files, the rest)."""
-    return (name in (MANIFEST, CONFIG_NAME, LABELLED_MICROGRAPHS) or
+    return (name in (MANIFEST, CONFIG_NAME, LABELED_MICROGRAPHS) or
             (name.startswith("chunk_") and name.endswith(".pt")) or name.startswith(".chunk_"))
 
 
@@ -130,7 +130,7 @@ class DatasetWriter:
         self.out_dir, self.patch_size, self.chunk_size, self.names = out_dir, patch_size, chunk_size, names
         self.chunks: list[dict] = []  # manifest entries, in the order written (one numbering for both splits)
         self.counts = {s: {k: 0 for k in KINDS} for s in ("train", "val")}
-        self.labelled: list[dict] = []
+        self.labeled: list[dict] = []
         self.splits = {s: ChunkWriter(self, s) for s in ("train", "val")}
 
     def add(self, split: str, kind: str, patches: np.ndarray, micrograph: int, xy: np.ndarray,
@@ -145,19 +145,19 @@ class DatasetWriter:
         self.chunks.append({"file": name, "split": split, "n_positive": counts["positive"],
                             "n_unlabeled": counts["unlabeled"]})
 
-    def add_labelled_micrograph(self, name: str, split: str, binned: np.ndarray, scales: tuple[float, float],
+    def add_labeled_micrograph(self, name: str, split: str, binned: np.ndarray, scales: tuple[float, float],
                                 shape: tuple[int, int], labels: np.ndarray) -> None:
-        """A labelled micrograph as pick sees it (binned, float16) and its labels: what calibration scores."""
-        self.labelled.append({"name": name, "split": split, "binned": torch.from_numpy(binned),
+        """A labeled micrograph as pick sees it (binned, float16) and its labels: what calibration scores."""
+        self.labeled.append({"name": name, "split": split, "binned": torch.from_numpy(binned),
                               "scales": torch.tensor(scales, dtype=torch.float64),
                               "shape": torch.tensor(shape, dtype=torch.int64),
                               "labels": torch.from_numpy(np.asarray(labels, dtype=np.float32).reshape(-1, 2))})
 
     def finish(self, record: PreprocessRecord, has_truth: bool, micrographs: list[dict], extra: dict) -> None:
-        """The last chunks, the labelled micrographs and, last, the manifest (with ``extra`` entries)."""
+        """The last chunks, the labeled micrographs and, last, the manifest (with ``extra`` entries)."""
         for writer in self.splits.values():
             writer.flush()
-        save_torch_atomic(self.out_dir / LABELLED_MICROGRAPHS, {"micrographs": self.labelled})
+        save_torch_atomic(self.out_dir / LABELED_MICROGRAPHS, {"micrographs": self.labeled})
         counts = {s: {**c, "micrographs": sum(1 for m in micrographs if m["split"] == s and not m["error"])}
                   for s, c in self.counts.items()}
         write_json_atomic(self.out_dir / MANIFEST, {
@@ -241,7 +241,7 @@ def load_dataset(path: str | Path) -> PatchDataset:
     if not isinstance(manifest, dict) or manifest.get("format_version") != DATASET_FORMAT:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
         older = isinstance(version, int) and version < DATASET_FORMAT
-        why = (" (older datasets lack the binned labelled micrographs that calibrate pick's probabilities)"
+        why = (" (older datasets lack the binned labeled micrographs that calibrate pick's probabilities)"
                if older else "")
         raise CryopickError(f"{manifest_path}: dataset format {version} is not supported "
                             f"(expected {DATASET_FORMAT}){why}; re-run extract with --overwrite")
@@ -268,15 +268,15 @@ def _load_from_manifest(path: Path, manifest: dict) -> PatchDataset:
                         bool(manifest.get("has_truth")), float(np.mean(areas)) if areas else 0.0, path)
 
 
-def load_labelled_micrographs(path: str | Path) -> list[dict]:
-    """The binned labelled micrographs extract kept (name, split, binned, scales, shape, labels); [] if none."""
-    file = Path(path) / LABELLED_MICROGRAPHS
+def load_labeled_micrographs(path: str | Path) -> list[dict]:
+    """The binned labeled micrographs extract kept (name, split, binned, scales, shape, labels); [] if none."""
+    file = Path(path) / LABELED_MICROGRAPHS
     if not file.is_file():
         return []
     data = _load(file)
     mics = data.get("micrographs") if isinstance(data, dict) else None
     if not isinstance(mics, list):
-        raise CryopickError(f"{file}: not a cryopick labelled-micrographs file")
+        raise CryopickError(f"{file}: not a cryopick labeled-micrographs file")
     return mics
 
 

@@ -73,7 +73,7 @@ class MicrographPatches:
     n_outside: int
     binned_shape: tuple[int, int]
     error: str | None = None
-    binned: np.ndarray | None = None  # float16 binned micrograph, kept for labelled micrographs (calibration)
+    binned: np.ndarray | None = None  # float16 binned micrograph, kept for labeled micrographs (calibration)
     scales: tuple[float, float] = (1.0, 1.0)  # (sy, sx) original px per binned px
     shape: tuple[int, int] = (0, 0)  # original (rows, cols)
 
@@ -90,7 +90,7 @@ class ExtractSummary:
     n_used: int = 0
     n_positive: dict = field(default_factory=lambda: {"train": 0, "val": 0})
     n_unlabeled: dict = field(default_factory=lambda: {"train": 0, "val": 0})
-    n_labelled_micrographs: dict = field(default_factory=lambda: {"train": 0, "val": 0})
+    n_labeled_micrographs: dict = field(default_factory=lambda: {"train": 0, "val": 0})
     inputs: dict = field(default_factory=dict)  # the micrographs and coordinates arguments, as given
     n_padded: int = 0
     n_outside: int = 0
@@ -165,13 +165,13 @@ def extract_micrograph(job: MicrographJob) -> MicrographPatches:
 # the command
 
 
-def split_micrographs(n: int, labelled: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
-    """Deterministic split by micrograph, stratified so both splits get labelled micrographs when possible."""
+def split_micrographs(n: int, labeled: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Deterministic split by micrograph, stratified so both splits get labeled micrographs when possible."""
     splits = np.array(["train"] * n, dtype=object)
     if val_fraction <= 0 or n < 2:
         return splits
     rng = np.random.default_rng(seed)
-    for group in (np.flatnonzero(labelled), np.flatnonzero(~labelled)):
+    for group in (np.flatnonzero(labeled), np.flatnonzero(~labeled)):
         if len(group) < 2:
             continue
         n_val = min(len(group) - 1, max(1, int(round(val_fraction * len(group)))))
@@ -226,7 +226,7 @@ def _usable_sizes(entries: list[MicrographEntry], shapes: list, labels: dict, tr
     labels = {renumber[k]: v for k, v in labels.items() if k in renumber}
     truth = None if truth is None else {renumber[k]: v for k, v in truth.items() if k in renumber}
     if sum(len(df) for df in labels.values()) == 0:
-        raise CryopickError("no labelled coordinate is on a micrograph large enough to use (listed above)")
+        raise CryopickError("no labeled coordinate is on a micrograph large enough to use (listed above)")
     return [entries[k] for k in keep], [shapes[k] for k in keep], labels, truth
 
 
@@ -336,7 +336,7 @@ def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, co
     for item in match.unmatched:
         warn(f"coordinates matched no micrograph: {item}")
     if sum(len(df) for df in match.coords.values()) == 0:
-        raise CryopickError(f"no labelled coordinate matched any micrograph (coordinates: {coords})")
+        raise CryopickError(f"no labeled coordinate matched any micrograph (coordinates: {coords})")
     labels = _deduplicate(match.coords)
     truth_coords = None
     if truth is not None:
@@ -365,8 +365,8 @@ def _extract_into(out_dir: Path, entries: list[MicrographEntry], shapes: list, l
     info(f"pixel size {pixel_size:.4g} Å/px, bin ×{factor:.4g} → {record.binned_pixel_size:.4g} Å/px; "
          f"particle {record.diameter_binned_px:.1f} binned px across a {config.patch_size}-px patch", quiet)
 
-    labelled = np.array([len(labels.get(i, ())) > 0 for i in range(len(entries))])
-    splits = split_micrographs(len(entries), labelled, config.val_fraction, config.seed)
+    labeled = np.array([len(labels.get(i, ())) > 0 for i in range(len(entries))])
+    splits = split_micrographs(len(entries), labeled, config.val_fraction, config.seed)
     writer = DatasetWriter(out_dir, config.patch_size, config.chunk_size, [e.name for e in entries])
     mic_records: list[dict] = []
     jobs = _jobs(entries, labels, truth_coords, factor, config, record, shapes)
@@ -388,7 +388,7 @@ def _extract_into(out_dir: Path, entries: list[MicrographEntry], shapes: list, l
     if summary.n_used == 0:
         raise CryopickError("no usable micrographs: every micrograph failed (listed above)")
     if summary.n_positive["train"] == 0:
-        raise CryopickError("no positive patch in the training split (all labelled coordinates fell outside?)")
+        raise CryopickError("no positive patch in the training split (all labeled coordinates fell outside?)")
     writer.finish(record, has_truth, mic_records, {
         "n_padded": summary.n_padded,
         "n_outside": summary.n_outside,
@@ -401,18 +401,18 @@ def _extract_into(out_dir: Path, entries: list[MicrographEntry], shapes: list, l
 
 def _add_patches(writer: DatasetWriter, entry: MicrographEntry, split: str, result: MicrographPatches,
                  summary: ExtractSummary) -> None:
-    """One micrograph's patches (and, if labelled, its binned image) into the dataset, counted."""
+    """One micrograph's patches (and, if labeled, its binned image) into the dataset, counted."""
     writer.add(split, "positive", result.positive, result.index, result.positive_xy)
     writer.add(split, "unlabeled", result.unlabeled, result.index, result.unlabeled_xy,
                result.unlabeled_truth_distance)
     summary.n_positive[split] += len(result.positive)
     summary.n_unlabeled[split] += len(result.unlabeled)
-    summary.n_labelled_micrographs[split] += int(len(result.positive) > 0)
+    summary.n_labeled_micrographs[split] += int(len(result.positive) > 0)
     summary.n_padded += result.n_padded
     summary.n_outside += result.n_outside
     summary.n_used += 1
     if result.binned is not None:
-        writer.add_labelled_micrograph(entry.name, split, result.binned, result.scales, result.shape,
+        writer.add_labeled_micrograph(entry.name, split, result.binned, result.scales, result.shape,
                                        result.positive_xy)
 
 
@@ -445,7 +445,7 @@ def print_summary(summary: ExtractSummary) -> None:
         console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
     for item in summary.unmatched:
         console.print(f"[yellow]unmatched coordinates[/yellow] {item}", highlight=False)
-    holdout = holdout_warning(summary.n_positive, summary.n_labelled_micrographs)
+    holdout = holdout_warning(summary.n_positive, summary.n_labeled_micrographs)
     if holdout:
         console.print(f"[yellow]note:[/yellow] {holdout}", highlight=False)
 

@@ -130,9 +130,9 @@ def binary_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float = 0.5
 
 
 def pu_corrected_auc(auc_pu: float, prior: float) -> float:
-    """AUC against true negatives from the AUC of labelled positives vs unlabelled data.
+    """AUC against true negatives from the AUC of labeled positives vs unlabeled data.
 
-    The unlabelled set holds a fraction π of positives, which score like positives (AUC 1/2 against them),
+    The unlabeled set holds a fraction π of positives, which score like positives (AUC 1/2 against them),
     so AUC_PU = π/2 + (1 − π)·AUC_PN, hence AUC_PN = (AUC_PU − π/2)/(1 − π) (Menon et al. 2015; Kiryo 2017).
     """
     if not (0.0 <= prior < 1.0):

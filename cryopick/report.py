@@ -9,7 +9,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOLDOUT_WARN_SHARE = 0.25  # warn when validation takes more than this share of the labelled particles
+HOLDOUT_WARN_SHARE = 0.25  # warn when validation takes more than this share of the labeled particles
 OUTLIER_FACTOR = 3.0  # a micrograph with fewer than median/3 or more than 3·median picks is flagged
 MAX_LISTED = 10
 
@@ -22,17 +22,17 @@ def _q(path: str | Path) -> str:
 # extract
 
 
-def holdout_warning(positives: dict, labelled_micrographs: dict) -> str | None:
-    """When validation holds out a large share of the labelled particles, say so with numbers and what to do.
+def holdout_warning(positives: dict, labeled_micrographs: dict) -> str | None:
+    """When validation holds out a large share of the labeled particles, say so with numbers and what to do.
 
-    ``positives`` and ``labelled_micrographs`` map "train"/"val" to counts.
+    ``positives`` and ``labeled_micrographs`` map "train"/"val" to counts.
     """
     n_val, total = positives.get("val", 0), positives.get("train", 0) + positives.get("val", 0)
     if total == 0 or n_val / total <= HOLDOUT_WARN_SHARE:
         return None
-    mics_val = labelled_micrographs.get("val", 0)
-    mics_total = mics_val + labelled_micrographs.get("train", 0)
-    return (f"validation holds out {mics_val} of {mics_total} labelled micrographs: {n_val} of {total} labelled "
+    mics_val = labeled_micrographs.get("val", 0)
+    mics_total = mics_val + labeled_micrographs.get("train", 0)
+    return (f"validation holds out {mics_val} of {mics_total} labeled micrographs: {n_val} of {total} labeled "
             f"particles ({100 * n_val / total:.0f}%) will not train. Hand-pick more micrographs, or re-run extract "
             "with --val-fraction 0 to train on every label (then no held-out metrics: the best checkpoint is the "
             "lowest training loss).")

@@ -13,7 +13,7 @@ Output layout under OUT (names relative to OUT)::
 
     micrographs/<prefix>_micNNN.mrc   z-scored image, pixel size in the header
     truth/<prefix>_micNNN.star        every particle whose centre lies inside the micrograph
-    labels/<prefix>_micNNN.star       sparse hand-picking-like subset, only on the labelled micrographs
+    labels/<prefix>_micNNN.star       sparse hand-picking-like subset, only on the labeled micrographs
     micrographs.star                  RELION 3.1 micrographs STAR (optics + CTF columns)
     case.json                         parameters, seed and per-micrograph facts
 """
@@ -73,8 +73,8 @@ class SimulationParams:
     particles_per_micrograph: int | None = None  # centres inside the micrograph; None: fill 25-35% of the area
     snr: float = 0.05
     seed: int = 0
-    label_fraction: float = 0.15  # labels / all truth particles; the labels lie on the labelled micrographs
-    labelled_micrograph_fraction: float = 0.5
+    label_fraction: float = 0.15  # labels / all truth particles; the labels lie on the labeled micrographs
+    labeled_micrograph_fraction: float = 0.5
     contamination: bool = True
     junk_per_micrograph: float = 6.0
     carbon_probability: float = 0.25
@@ -768,8 +768,8 @@ def _label_tiers(dist: dict[str, np.ndarray], d: float) -> np.ndarray:
     return tiers
 
 
-def choose_labelled_micrographs(params: SimulationParams) -> list[int]:
-    n = max(1, int(round(params.labelled_micrograph_fraction * params.n_micrographs)))
+def choose_labeled_micrographs(params: SimulationParams) -> list[int]:
+    n = max(1, int(round(params.labeled_micrograph_fraction * params.n_micrographs)))
     n = min(n, params.n_micrographs)
     rng = np.random.default_rng([params.seed, _STREAM_LABELS])
     return sorted(int(i) for i in rng.choice(params.n_micrographs, n, replace=False))
@@ -791,18 +791,18 @@ def _pick_labels(rng, params: SimulationParams, truth: np.ndarray, tiers: np.nda
 
 
 def make_labels(params: SimulationParams, micrographs: dict[int, tuple[np.ndarray, dict]]) -> dict[int, np.ndarray]:
-    """Labels for each labelled micrograph index: ``label_fraction`` of all truth particles, split by counts.
+    """Labels for each labeled micrograph index: ``label_fraction`` of all truth particles, split by counts.
 
     ``micrographs`` maps index -> (truth x, y array, label distances) for every micrograph.
     """
-    labelled = choose_labelled_micrographs(params)
+    labeled = choose_labeled_micrographs(params)
     total_truth = sum(len(t) for t, _ in micrographs.values())
-    counts = np.array([len(micrographs[i][0]) for i in labelled])
+    counts = np.array([len(micrographs[i][0]) for i in labeled])
     n_labels = min(int(round(params.label_fraction * total_truth)), int(counts.sum()))
-    split = _split_counts(n_labels, counts) if counts.sum() else np.zeros(len(labelled), int)
+    split = _split_counts(n_labels, counts) if counts.sum() else np.zeros(len(labeled), int)
     rng = np.random.default_rng([params.seed, _STREAM_LABELS, 1])
     out = {}
-    for i, count in zip(labelled, split):
+    for i, count in zip(labeled, split):
         truth, dist = micrographs[i]
         out[i] = _pick_labels(rng, params, truth, _label_tiers(dist, params.diameter_px), int(count))
     return out
@@ -835,7 +835,7 @@ def validate_params(params: SimulationParams) -> None:
         problems.append("particles_per_micrograph must not be negative")
     if not params.snr > 0:
         problems.append("snr must be positive")
-    for name in ("label_fraction", "labelled_micrograph_fraction", "carbon_probability"):
+    for name in ("label_fraction", "labeled_micrograph_fraction", "carbon_probability"):
         if not 0 <= getattr(params, name) <= 1:
             problems.append(f"{name} must lie in [0, 1]")
     if params.junk_per_micrograph < 0:

@@ -174,20 +174,20 @@ def resolve_prior(config: TrainConfig, dataset: PatchDataset) -> float:
 def select_unlabeled(split: SplitData, config: TrainConfig, quiet: bool) -> SplitData:
     """Unlabeled patches for training, by ``data.unlabeled_from``.
 
-    Positives come from a few labelled micrographs. Unlabeled patches from *other* micrographs differ from
+    Positives come from a few labeled micrographs. Unlabeled patches from *other* micrographs differ from
     them in defocus, ice and contrast as well as in content, so a PU classifier can learn "which micrograph"
     instead of "which particle" (scores then shift from micrograph to micrograph). Drawing U only from the
-    labelled micrographs removes that shortcut; every micrograph is still picked.
+    labeled micrographs removes that shortcut; every micrograph is still picked.
     """
     if config.data.unlabeled_from == "all":
         return split
     if config.data.unlabeled_from != "labeled":
         raise CryopickError(f"data.unlabeled_from must be labeled or all, got {config.data.unlabeled_from}")
-    chosen = split.unlabeled_from_labelled_micrographs()
+    chosen = split.unlabeled_from_labeled_micrographs()
     if len(chosen.unlabeled) == 0:
-        warn("no unlabeled patches on the labelled micrographs; using every micrograph's")
+        warn("no unlabeled patches on the labeled micrographs; using every micrograph's")
         return split
-    info(f"unlabeled patches from the labelled micrographs: {len(chosen.unlabeled)} of {len(split.unlabeled)}", quiet)
+    info(f"unlabeled patches from the labeled micrographs: {len(chosen.unlabeled)} of {len(split.unlabeled)}", quiet)
     return chosen
 
 

@@ -6,7 +6,7 @@
 - held-out score statistics (recall, estimated precision, the score 90% of held-out particles reach) and the
   plain line printed after each epoch.
 
-Held-out patches are scored at the labelled centre, while pick keeps the local maxima of a dense score map, which
+Held-out patches are scored at the labeled centre, while pick keeps the local maxima of a dense score map, which
 score higher (for particles and background alike): patch-level thresholds are diagnostics, not pick settings.
 """
 
@@ -77,7 +77,7 @@ def threshold_report(p_pos: np.ndarray, p_unl: np.ndarray, prior: float, true_un
     """Estimated precision at ``threshold``, the score 90% of held-out particles reach, and the patch-level
     threshold of best estimated F1 (a diagnostic: pick's peak scores run higher than patch scores).
 
-    Without truth, labelled positives give recall(t) directly and the unlabeled patches, a fraction π of them
+    Without truth, labeled positives give recall(t) directly and the unlabeled patches, a fraction π of them
     positive, give precision(t) = π·recall(t) / P_U(score ≥ t) (clipped to 1): the precision among random patch
     centres if π is right. With truth (simulated data) both come from the true labels.
     """
@@ -182,10 +182,10 @@ def epoch_line(row: dict, epochs: int, monitor: str, best_value: float, best_epo
     epoch so far."""
     head = f"epoch {row['epoch'] + 1}/{epochs}:"
     if "val_recall" not in row:
-        return f"{head} no held-out labelled micrograph, so no held-out metrics (best = lowest training loss)"
+        return f"{head} no held-out labeled micrograph, so no held-out metrics (best = lowest training loss)"
     precision = (f"precision {_fmt(row['val_true_precision'])} (true labels)" if "val_true_precision" in row
                  else f"est. precision {_fmt(row.get('val_est_precision'))}")
-    parts = [head, f"held-out recall {_fmt(row['val_recall'])} of {row.get('val_n_positive')} labelled particles, "
+    parts = [head, f"held-out recall {_fmt(row['val_recall'])} of {row.get('val_n_positive')} labeled particles, "
                    f"{precision} at p ≥ 0.5"]
     if "val_recall90_score" in row:
         parts.append(f"90% of them score ≥ {row['val_recall90_score']:.2f}")

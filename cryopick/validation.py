@@ -67,7 +67,7 @@ def evaluate_patches(checkpoint: str | Path, data_dir: str | Path, split: str = 
     """Patch-level metrics of a checkpoint's EMA teacher on an extracted dataset (AUC, precision, recall, F1).
 
     Positives vs unlabeled give the PU metrics and the PU-corrected AUC; a dataset extracted with
-    ``--truth`` also gives the true metrics (unlabeled patches labelled by the ground truth), on the
+    ``--truth`` also gives the true metrics (unlabeled patches labeled by the ground truth), on the
     same footing as the design document's table.
     """
     ckpt = load_checkpoint(checkpoint)

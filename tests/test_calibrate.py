@@ -11,30 +11,30 @@ from cryopick.calibrate import Calibration, estimate_particle_count, fit_calibra
 from cryopick.errors import CryopickError
 
 PEAKS = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
-LABELLED = np.array([0.9, 0.8, 0.6])  # 3 of 4 labels found among the peaks
+LABELED = np.array([0.9, 0.8, 0.6])  # 3 of 4 labels found among the peaks
 
 
 def test_label_recall_counts_unmatched_labels_as_never_picked():
-    assert list(label_recall(np.array([0.9, 0.7, 0.6, 0.01]), LABELLED, 4)) == [0.25, 0.5, 0.75, 0.75]
+    assert list(label_recall(np.array([0.9, 0.7, 0.6, 0.01]), LABELED, 4)) == [0.25, 0.5, 0.75, 0.75]
 
 
 def test_particle_count_is_the_smallest_peaks_over_recall_bound():
     # t = 0.9: 1 peak / (1/4) = 4; t = 0.8: 2 / (2/4) = 4; t = 0.6: 4 / (3/4) = 5.33
-    assert estimate_particle_count(PEAKS, LABELLED, 4, min_labels=1) == pytest.approx(4.0)
+    assert estimate_particle_count(PEAKS, LABELED, 4, min_labels=1) == pytest.approx(4.0)
     # with at least 3 labels kept only t = 0.6 is allowed
-    assert estimate_particle_count(PEAKS, LABELLED, 4, min_labels=3) == pytest.approx(16 / 3)
+    assert estimate_particle_count(PEAKS, LABELED, 4, min_labels=3) == pytest.approx(16 / 3)
 
 
 def test_posterior_is_the_slope_of_the_concave_majorant():
     # C(k) = 4·R = 0,1,2,2,3,3,…: majorant slopes 1,1,½,½,0,… → runs at median logits
-    knots, values = posterior_table(PEAKS, LABELLED, 4, 4.0)
+    knots, values = posterior_table(PEAKS, LABELED, 4, 4.0)
     expected_knots = [np.median(logit([0.5, 0.4, 0.3, 0.2, 0.1, 0.05])), np.median(logit([0.7, 0.6])),
                       np.median(logit([0.9, 0.8]))]
     assert knots == pytest.approx(expected_knots)
     assert list(values) == [0.0, 0.5, 1.0]
-    estimated = fit_calibration(PEAKS, LABELLED, 4, n_micrographs=2, held_out=True)
+    estimated = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True)
     assert estimated.particles_per_micrograph == pytest.approx(8 / 3)  # fewer than MIN_LABELS: all 3 labels
-    cal = fit_calibration(PEAKS, LABELLED, 4, n_micrographs=2, held_out=True, expected_particles=2)
+    cal = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True, expected_particles=2)
     z = logit(0.7)
     assert cal.apply(np.array([0.7]))[0] == pytest.approx(0.5 + 0.5 * (z - knots[1]) / (knots[2] - knots[1]), abs=0.01)
     assert np.all(np.diff(cal.apply(np.array([1e-6, 0.01, 0.02, 0.98, 0.99]))) > 0)  # ranking kept in flat parts
@@ -44,7 +44,7 @@ def test_posterior_is_the_slope_of_the_concave_majorant():
 
 
 def test_given_count_replaces_the_estimate():
-    cal = fit_calibration(PEAKS, LABELLED, 4, n_micrographs=1, held_out=False, expected_particles=8)
+    cal = fit_calibration(PEAKS, LABELED, 4, n_micrographs=1, held_out=False, expected_particles=8)
     assert cal.count_given and cal.particles_per_micrograph == 8
     assert "your count" in cal.describe() and "optimistic" in cal.describe()
 
@@ -83,7 +83,7 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("calib")
     simulate(root / "sim", SimulationParams(n_micrographs=3, shape=(384, 384), seed=5, label_fraction=0.5,
-                                            labelled_micrograph_fraction=0.67), quiet=True)
+                                            labeled_micrograph_fraction=0.67), quiet=True)
     extract(str(root / "sim" / "micrographs.star"), str(root / "sim" / "labels"), root / "ds",
             ExtractConfig(diameter=160.0, unlabeled_per_micrograph=60, val_fraction=0.5, seed=0), quiet=True)
     cfg = resolve(TrainConfig, None, {"data.data_dir": str(root / "ds"), "train.output_root": str(root / "exp"),
@@ -93,10 +93,10 @@ def trained(tmp_path_factory):
     return root
 
 
-def test_extract_keeps_the_labelled_micrographs_binned(trained):
-    from cryopick.dataset import load_labelled_micrographs
+def test_extract_keeps_the_labeled_micrographs_binned(trained):
+    from cryopick.dataset import load_labeled_micrographs
 
-    mics = load_labelled_micrographs(trained / "ds")
+    mics = load_labeled_micrographs(trained / "ds")
     assert len(mics) == 2 and {m["split"] for m in mics} == {"train", "val"}
     for m in mics:
         assert m["binned"].dtype == torch.float16 and m["binned"].shape == (384, 384)  # 80-px particle: bin ×1
@@ -149,8 +149,8 @@ def test_estimated_best_f1_threshold_by_hand():
     from cryopick.calibrate import estimated_best_f1
 
     # N = 4: F1(k) = 2·4·R_k / (k + 4) = 8·[¼, ½, ½, ¾, ¾…]/(k + 4) → 0.4, 0.667, 0.571, 0.75, 0.667, …
-    threshold, f1 = estimated_best_f1(PEAKS, LABELLED, 4, 4.0)
+    threshold, f1 = estimated_best_f1(PEAKS, LABELED, 4, 4.0)
     assert threshold == 0.6 and f1 == pytest.approx(0.75)
-    cal = fit_calibration(PEAKS, LABELLED, 4, n_micrographs=2, held_out=True, expected_particles=2)
+    cal = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True, expected_particles=2)
     assert cal.best_f1_threshold == pytest.approx(cal.apply(np.array([0.6]))[0])
     assert "best F1 0.75" in cal.describe()

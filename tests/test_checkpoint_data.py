@@ -1,4 +1,4 @@
-"""Checkpoints round-trip and refuse other formats; unlabeled patches can be limited to labelled micrographs."""
+"""Checkpoints round-trip and refuse other formats; unlabeled patches can be limited to labeled micrographs."""
 
 import pytest
 import torch
@@ -48,7 +48,7 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
         load_checkpoint(tmp_path / "evil.pt")
 
 
-def test_unlabeled_can_be_restricted_to_labelled_micrographs():
+def test_unlabeled_can_be_restricted_to_labeled_micrographs():
     from cryopick.config import TrainConfig
     from cryopick.data import SplitData
     from cryopick.train import select_unlabeled

@@ -40,7 +40,7 @@ def test_bad_config_files_name_the_problem(tmp_path, text, match):
 
 def test_configs_of_older_versions_load_under_the_new_names(tmp_path):
     old = tmp_path / "old.yaml"
-    old.write_text("data:\n  unlabeled_from: labelled\n")
+    old.write_text("data:\n  unlabeled_from: labeled\n")
     assert resolve(TrainConfig, old).data.unlabeled_from == "labeled"
     assert from_dict(PickConfig, {"expected": 300}).expected_particles == 300.0
     assert from_dict(EvaluateConfig, {"radius": 12}).radius_px == 12.0

@@ -8,13 +8,13 @@ import torch
 
 from cryopick.dataset import (
     DATASET_FORMAT,
-    LABELLED_MICROGRAPHS,
+    LABELED_MICROGRAPHS,
     DatasetWriter,
     crop_patches,
     fits_edge_padding,
     is_dataset_file,
     load_dataset,
-    load_labelled_micrographs,
+    load_labeled_micrographs,
     reflect_pad,
     to_binned_pixels,
 )
@@ -66,7 +66,7 @@ def _write(tmp_path, chunk_size=3):
     writer.add("val", "positive", patches[2:3], 1, xy[2:3])
     writer.add("train", "unlabeled", patches[3:], 0, xy[3:], np.array([1.0, 2.0], np.float32))
     writer.add("val", "unlabeled", patches[:1], 1, xy[:1])
-    writer.add_labelled_micrograph("a", "train", np.ones((8, 8), np.float16), (2.0, 2.0), (16, 16), xy[:2])
+    writer.add_labeled_micrograph("a", "train", np.ones((8, 8), np.float16), (2.0, 2.0), (16, 16), xy[:2])
     mics = [{"name": "a", "split": "train", "binned_shape": [8, 8], "error": None},
             {"name": "b", "split": "val", "binned_shape": [8, 10], "error": None}]
     writer.finish(RECORD, True, mics, {"inputs": {"micrographs": "mics/"}})
@@ -89,7 +89,7 @@ def test_written_dataset_loads_back_by_split(tmp_path):
     assert torch.isnan(ds.val.unlabeled_truth_distance).all()
     assert ds.train.positive_micrograph.tolist() == [0, 0] and ds.val.unlabeled_micrograph.tolist() == [1]
     assert ds.record == RECORD and ds.has_truth and ds.mean_binned_area == 72.0
-    (mic,) = load_labelled_micrographs(tmp_path)
+    (mic,) = load_labeled_micrographs(tmp_path)
     assert mic["name"] == "a" and mic["labels"].tolist() == [[0.0, 1.0], [2.0, 3.0]]
     assert mic["scales"].dtype == torch.float64 and mic["shape"].tolist() == [16, 16]
 
@@ -104,8 +104,8 @@ def test_other_format_versions_and_missing_chunks_are_named(tmp_path):
     (tmp_path / "chunk_00001.pt").unlink()
     with pytest.raises(CryopickError, match="chunk_00001.pt: chunk listed in the manifest is missing"):
         load_dataset(tmp_path)
-    (tmp_path / LABELLED_MICROGRAPHS).unlink()
-    assert load_labelled_micrographs(tmp_path) == []
+    (tmp_path / LABELED_MICROGRAPHS).unlink()
+    assert load_labeled_micrographs(tmp_path) == []
 
 
 def test_single_preprocessed_data_file_is_split_by_micrograph(tmp_path):

@@ -73,11 +73,11 @@ def test_unlabeled_centres_cover_the_micrograph_uniformly(tiny_project):
 
 
 def test_split_is_by_micrograph_deterministic_and_stratified():
-    labelled = np.array([True, True, True, False, False, False, False, False, False, False])
-    a = split_micrographs(10, labelled, 0.2, seed=1)
-    assert list(a) == list(split_micrographs(10, labelled, 0.2, seed=1))
-    assert (a[labelled] == "val").sum() == 1 and (a[~labelled] == "val").sum() == 1
-    assert (split_micrographs(10, labelled, 0.0, 1) == "train").all()
+    labeled = np.array([True, True, True, False, False, False, False, False, False, False])
+    a = split_micrographs(10, labeled, 0.2, seed=1)
+    assert list(a) == list(split_micrographs(10, labeled, 0.2, seed=1))
+    assert (a[labeled] == "val").sum() == 1 and (a[~labeled] == "val").sum() == 1
+    assert (split_micrographs(10, labeled, 0.0, 1) == "train").all()
 
 
 def test_val_split_keeps_every_patch_of_a_micrograph_together(tiny_project):
@@ -146,7 +146,7 @@ def test_fatal_inputs_fail_clearly_and_leave_nothing(tiny_project, problem):
         shutil.rmtree(root / "labels")
         (root / "labels").mkdir()
         (root / "labels" / "mic_a.star").write_text("")
-        match = "no labelled coordinate"
+        match = "no labeled coordinate"
     elif problem == "pixel_sizes":
         write_mrc(root / "mics" / "mic_c.mrc", np.zeros((180, 300), np.float32), pixel_size=1.0)
         match = "different pixel sizes"

@@ -54,7 +54,7 @@ def chain(tmp_path_factory):
     """A tiny simulated set, its dataset, a 1-epoch resnet8 experiment and its picks."""
     root = tmp_path_factory.mktemp("faults")
     simulate(root / "sim", SimulationParams(n_micrographs=3, shape=(320, 320), seed=2, label_fraction=0.5,
-                                            labelled_micrograph_fraction=0.67), quiet=True)
+                                            labeled_micrograph_fraction=0.67), quiet=True)
     extract(str(root / "sim/micrographs"), str(root / "sim/labels"), root / "ds",
             ExtractConfig(diameter=160.0, unlabeled_per_micrograph=40, val_fraction=0.34), quiet=True)
     cfg = train_config(root, "run")

@@ -74,7 +74,7 @@ def test_binary_metrics_by_hand():
 
 def test_pu_corrected_auc():
     assert pu_corrected_auc(0.8, 0.2) == pytest.approx((0.8 - 0.1) / 0.8)
-    # a perfect classifier scores π/2 + (1 − π) against unlabelled data; the correction recovers 1
+    # a perfect classifier scores π/2 + (1 − π) against unlabeled data; the correction recovers 1
     assert pu_corrected_auc(0.3 / 2 + 0.7, 0.3) == pytest.approx(1.0)
     assert pu_corrected_auc(0.75, 0.0) == 0.75
     with pytest.raises(CryopickError, match="prior"):

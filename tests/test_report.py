@@ -71,7 +71,7 @@ def test_pick_summary_prints_the_spread_and_next_steps(capsys):
 
 def test_holdout_warning_numbers():
     text = holdout_warning({"train": 41, "val": 41}, {"train": 1, "val": 1})
-    assert "1 of 2 labelled micrographs: 41 of 82 labelled particles (50%) will not train" in text
+    assert "1 of 2 labeled micrographs: 41 of 82 labeled particles (50%) will not train" in text
     assert "--val-fraction 0" in text
     assert holdout_warning({"train": 80, "val": 20}, {"train": 8, "val": 2}) is None  # 20%: expected
     assert holdout_warning({"train": 0, "val": 0}, {}) is None
@@ -82,12 +82,12 @@ def test_extract_summary_says_how_many_labels_are_held_out(tiny_project, capsys)
     summary = extract(str(root / "mics"), str(root / "labels"), root / "ds",
                       ExtractConfig(diameter=128.0, bin=2, unlabeled_per_micrograph=20, val_fraction=0.5, seed=3),
                       quiet=True)
-    assert summary.n_labelled_micrographs == {"train": 1, "val": 1}
+    assert summary.n_labeled_micrographs == {"train": 1, "val": 1}
     held = summary.n_positive["val"]
     assert held in (2, 3) and summary.n_positive["train"] == 5 - held
     print_summary(summary)
     err = _plain(capsys.readouterr().err)
-    assert f"1 of 2 labelled micrographs: {held} of 5 labelled particles ({100 * held / 5:.0f}%)" in err
+    assert f"1 of 2 labeled micrographs: {held} of 5 labeled particles ({100 * held / 5:.0f}%)" in err
     assert "--val-fraction 0" in err
     import json
 

@@ -20,7 +20,7 @@ from cryopick.simulate import (
     CTFParams,
     SimulationParams,
     build_particle_model,
-    choose_labelled_micrographs,
+    choose_labeled_micrographs,
     ctf_filter,
     electron_wavelength,
     make_labels,
@@ -144,7 +144,7 @@ def test_output_dtypes(tmp_path, dtype, mode):
 
 
 def test_refuses_existing_simulation_unless_overwrite_and_removes_stale_files(tmp_path):
-    simulate(tmp_path, replace(TINY, n_micrographs=3, labelled_micrograph_fraction=1.0))
+    simulate(tmp_path, replace(TINY, n_micrographs=3, labeled_micrograph_fraction=1.0))
     with pytest.raises(CryopickError, match="already holds a simulation"):
         simulate(tmp_path, TINY)
     case = simulate(tmp_path, replace(TINY, n_micrographs=1), overwrite=True)
@@ -224,27 +224,27 @@ def test_particles_count_parameter_is_honoured():
 
 # ---------------------------------------------------------------------------------------------- labels
 
-def test_labels_are_near_truth_and_only_on_labelled_micrographs(tiny_case):
+def test_labels_are_near_truth_and_only_on_labeled_micrographs(tiny_case):
     out, case = tiny_case
-    labelled = case["labelled_micrographs"]
-    assert len(labelled) == 1  # round(0.5 * 2)
-    assert sorted(p.stem for p in (out / "labels").iterdir()) == labelled
+    labeled = case["labelled_micrographs"]  # case.json keys keep the spelling of existing data sets
+    assert len(labeled) == 1  # round(0.5 * 2)
+    assert sorted(p.stem for p in (out / "labels").iterdir()) == labeled
     assert case["n_labels"] == round(0.15 * case["n_particles"])
     total = 0
-    for stem in labelled:
+    for stem in labeled:
         labels = _truth_xy(out / "labels" / f"{stem}.star")
         truth = _truth_xy(out / "truth" / f"{stem}.star")
         gaps = np.hypot(labels[:, None, 0] - truth[None, :, 0], labels[:, None, 1] - truth[None, :, 1])
         assert (gaps.min(axis=1) <= 3.0).all()
-        assert len(set(gaps.argmin(axis=1))) == len(labels)  # no particle labelled twice
+        assert len(set(gaps.argmin(axis=1))) == len(labels)  # no particle labeled twice
         total += len(labels)
     assert total == case["n_labels"]
-    assert [m["labelled"] for m in case["micrographs"]] == [m["name"] in labelled for m in case["micrographs"]]
+    assert [m["labelled"] for m in case["micrographs"]] == [m["name"] in labeled for m in case["micrographs"]]
 
 
-def test_at_least_one_labelled_micrograph():
-    assert len(choose_labelled_micrographs(replace(TINY, n_micrographs=5, labelled_micrograph_fraction=0.0))) == 1
-    assert len(choose_labelled_micrographs(replace(TINY, n_micrographs=10, labelled_micrograph_fraction=0.5))) == 5
+def test_at_least_one_labeled_micrograph():
+    assert len(choose_labeled_micrographs(replace(TINY, n_micrographs=5, labeled_micrograph_fraction=0.0))) == 1
+    assert len(choose_labeled_micrographs(replace(TINY, n_micrographs=10, labeled_micrograph_fraction=0.5))) == 5
 
 
 def test_labels_prefer_isolated_particles():

@@ -22,7 +22,7 @@ from cryopick.validation import positive_radius_px
 def dataset_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainset")
     simulate(root / "sim", SimulationParams(n_micrographs=3, shape=(384, 384), seed=5, label_fraction=0.5,
-                                            labelled_micrograph_fraction=0.67), quiet=True)
+                                            labeled_micrograph_fraction=0.67), quiet=True)
     extract(str(root / "sim" / "micrographs.star"), str(root / "sim" / "labels"), root / "ds",
             ExtractConfig(diameter=160.0, unlabeled_per_micrograph=60, val_fraction=0.5, seed=0),
             truth=str(root / "sim" / "truth"), quiet=True)

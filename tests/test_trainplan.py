@@ -106,11 +106,11 @@ def test_epoch_line_and_first_epoch_warning():
     row = {"epoch": 2, "val_recall": 0.625, "val_est_precision": 0.7, "val_n_positive": 41,
            "val_recall90_score": 0.31}
     assert epoch_line(row, 10, "auc_pn", 0.912, 2) == (
-        "epoch 3/10:  held-out recall 0.62 of 41 labelled particles, est. precision 0.70 at p ≥ 0.5; "
+        "epoch 3/10:  held-out recall 0.62 of 41 labeled particles, est. precision 0.70 at p ≥ 0.5; "
         "90% of them score ≥ 0.31; best so far: epoch 3 (this one), auc_pn 0.912")
     truth = {"epoch": 0, "val_recall": 0.1, "val_n_positive": 16, "val_true_recall": 0.5, "val_true_precision": 0.9}
     assert epoch_line(truth, 5, "auc_pn", -math.inf, -1) == (
-        "epoch 1/5:  held-out recall 0.10 of 16 labelled particles, precision 0.90 (true labels) at p ≥ 0.5")
+        "epoch 1/5:  held-out recall 0.10 of 16 labeled particles, precision 0.90 (true labels) at p ≥ 0.5")
     assert "no held-out metrics" in epoch_line({"epoch": 0}, 5, "auc_pn", 1.0, 0)
     assert "first epoch of 6" in first_epoch_best_warning(0, 6, "auc_pn")
     assert first_epoch_best_warning(3, 6, "auc_pn") is None and first_epoch_best_warning(0, 2, "auc_pn") is None
@@ -123,7 +123,7 @@ def test_epoch_line_and_first_epoch_warning():
 def dataset_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("planset")
     simulate(root / "sim", SimulationParams(n_micrographs=3, shape=(384, 384), seed=5, label_fraction=0.5,
-                                            labelled_micrograph_fraction=0.67), quiet=True)
+                                            labeled_micrograph_fraction=0.67), quiet=True)
     extract(str(root / "sim" / "micrographs.star"), str(root / "sim" / "labels"), root / "ds",
             ExtractConfig(diameter=160.0, unlabeled_per_micrograph=60, val_fraction=0.5, seed=0), quiet=True)
     return root / "ds"
