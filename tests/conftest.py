@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cryopick.io.mrc import write_mrc
 from cryopick.io.relion import write_coordinate_star
@@ -31,3 +32,12 @@ def tiny_project(tmp_path):
         write_coordinate_star(labels / f"{name}_manualpick.star", xy[:, 0], xy[:, 1], np.zeros(len(xy)))
     (labels / "mic_c_manualpick.star").write_text("")  # RELION's empty coordinate file
     return tmp_path, coords
+
+
+@pytest.fixture
+def single_torch_thread():
+    """Small tensors run faster on one intra-op thread, and ~10× faster when other jobs load the CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

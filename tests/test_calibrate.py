@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import small_dataset
 from scipy.special import expit, logit
 
 from cryopick.calibrate import Calibration, estimate_particle_count, fit_calibration, label_recall, posterior_table
@@ -76,16 +77,11 @@ def test_failures_say_what_to_do():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from cryopick.config import ExtractConfig, TrainConfig, resolve
-    from cryopick.extract import extract
-    from cryopick.simulate import SimulationParams, simulate
+    from cryopick.config import TrainConfig, resolve
     from cryopick.train import train
 
     root = tmp_path_factory.mktemp("calib")
-    simulate(root / "sim", SimulationParams(n_micrographs=3, shape=(384, 384), seed=5, label_fraction=0.5,
-                                            labeled_micrograph_fraction=0.67), quiet=True)
-    extract(str(root / "sim" / "micrographs.star"), str(root / "sim" / "labels"), root / "ds",
-            ExtractConfig(diameter=160.0, unlabeled_per_micrograph=60, val_fraction=0.5, seed=0), quiet=True)
+    small_dataset(root)
     cfg = resolve(TrainConfig, None, {"data.data_dir": str(root / "ds"), "train.output_root": str(root / "exp"),
                                       "train.exp_name": "run", "model.backbone": "resnet8", "train.epochs": 1,
                                       "train.steps_per_epoch": 2, "train.device": "cpu"})

@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+from helpers import unstyled as _plain
 from typer.testing import CliRunner
 
 from cryopick import __version__
@@ -11,10 +12,6 @@ from cryopick.cli import app
 from cryopick.io.mrc import write_mrc
 
 runner = CliRunner()
-
-
-def _plain(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def test_version():

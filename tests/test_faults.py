@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import unstyled as _plain
 from typer.testing import CliRunner
 
 from cryopick.checkpoint import load_checkpoint
@@ -30,17 +31,7 @@ from cryopick.train import train
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    """Tiny tensors run faster on one thread, much faster when other jobs load the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _plain(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def tree_digest(root: Path) -> dict[str, str]:

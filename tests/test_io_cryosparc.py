@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_pick import RECORD, blob_detector, blob_image, save_model, single_torch_thread  # noqa: F401 (fixture)
+from test_pick import RECORD, blob_detector, blob_image, save_model
 
 from cryopick.config import PickConfig
 from cryopick.errors import InputFileError
@@ -17,6 +17,8 @@ from cryopick.io.outputs import read_coordinate_star
 from cryopick.pick import pick
 
 UID = "012345678901234567"
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def cs_array(rows):

@@ -44,13 +44,7 @@ PAD = 64
 # ------------------------------------------------------------------ helpers
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    """Small tensors run faster on one intra-op thread, and ~10× faster when other jobs load the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def blob_detector(gain: float = 4.0, level: float = 1.0) -> PatchClassifier:

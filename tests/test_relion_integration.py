@@ -14,7 +14,7 @@ import mrcfile
 import numpy as np
 import pytest
 import starfile
-from test_pick import RECORD, blob_detector, blob_image, save_model, single_torch_thread  # noqa: F401 (fixture)
+from test_pick import RECORD, blob_detector, blob_image, save_model
 
 from cryopick.config import PickConfig
 from cryopick.io.mrc import write_mrc
@@ -22,8 +22,9 @@ from cryopick.io.outputs import read_coordinate_star
 from cryopick.io.relion import write_micrographs_star
 from cryopick.pick import pick
 
-pytestmark = pytest.mark.skipif(shutil.which("relion_preprocess") is None,
-                                reason="relion_preprocess not on PATH (apt-get install relion)")
+pytestmark = [pytest.mark.usefixtures("single_torch_thread"),
+              pytest.mark.skipif(shutil.which("relion_preprocess") is None,
+                                 reason="relion_preprocess not on PATH (apt-get install relion)")]
 
 BOX = 64
 BLOBS = {

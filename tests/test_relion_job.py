@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import starfile
-from test_pick import RECORD, blob_detector, blob_image, save_model, single_torch_thread  # noqa: F401 (fixture)
+from test_pick import RECORD, blob_detector, blob_image, save_model
 from typer.testing import CliRunner
 
 from cryopick import pick as pick_module
@@ -58,6 +58,8 @@ PIPELINE = {  # the node table of default_pipeline.star as each RELION version w
        "CtfFind/job003/micrographs_ctf.star MicrographGroupMetadata.star.relion.ctf            1 \n",
 }
 runner = CliRunner()
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def mic_name(stem: str) -> str:

@@ -1,8 +1,8 @@
 """The first hour: summaries that say what happened and what to run next (values checked, not just presence)."""
 
-import re
 from pathlib import Path
 
+from helpers import plain as _plain
 from typer.testing import CliRunner
 
 from cryopick.cli import app
@@ -19,11 +19,6 @@ from cryopick.report import (
     pick_counts,
     train_summary,
 )
-
-
-def _plain(text: str) -> str:
-    return re.sub(r"\s+", " ", re.sub(r"\x1b\[[0-9;]*m", "", text))
-
 
 # ---------------------------------------------------------------------------------------------- pick
 

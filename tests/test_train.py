@@ -5,14 +5,13 @@ import signal
 
 import pytest
 import torch
+from helpers import small_dataset
 
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
-from cryopick.config import ExtractConfig, TrainConfig, resolve
+from cryopick.config import TrainConfig, resolve
 from cryopick.data import PUBatchSampler, batch_composition
 from cryopick.dataset import load_dataset
 from cryopick.errors import CryopickError
-from cryopick.extract import extract
-from cryopick.simulate import SimulationParams, simulate
 from cryopick.train import resolve_prior, train
 from cryopick.trainstep import lr_at
 from cryopick.validation import positive_radius_px
@@ -20,13 +19,7 @@ from cryopick.validation import positive_radius_px
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainset")
-    simulate(root / "sim", SimulationParams(n_micrographs=3, shape=(384, 384), seed=5, label_fraction=0.5,
-                                            labeled_micrograph_fraction=0.67), quiet=True)
-    extract(str(root / "sim" / "micrographs.star"), str(root / "sim" / "labels"), root / "ds",
-            ExtractConfig(diameter=160.0, unlabeled_per_micrograph=60, val_fraction=0.5, seed=0),
-            truth=str(root / "sim" / "truth"), quiet=True)
-    return root / "ds"
+    return small_dataset(tmp_path_factory.mktemp("trainset"), truth=True)
 
 
 def _config(dataset_dir, out, **over):

@@ -6,11 +6,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import plain as _plain
+from helpers import small_dataset
 
-from cryopick.config import ExtractConfig, TrainConfig, resolve
+from cryopick.config import TrainConfig, resolve
 from cryopick.data import SplitData
-from cryopick.extract import extract
-from cryopick.simulate import SimulationParams, simulate
 from cryopick.train import summary_lines, train
 from cryopick.trainplan import (
     VAL_MIN_PATCHES,
@@ -24,10 +24,6 @@ from cryopick.trainplan import (
     validation_budget,
     validation_subset,
 )
-
-
-def _plain(text: str) -> str:
-    return re.sub(r"\s+", " ", re.sub(r"\x1b\[[0-9;]*m", "", text))
 
 
 def test_forward_passes_per_step_count_every_view():
@@ -121,12 +117,7 @@ def test_epoch_line_and_first_epoch_warning():
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("planset")
-    simulate(root / "sim", SimulationParams(n_micrographs=3, shape=(384, 384), seed=5, label_fraction=0.5,
-                                            labeled_micrograph_fraction=0.67), quiet=True)
-    extract(str(root / "sim" / "micrographs.star"), str(root / "sim" / "labels"), root / "ds",
-            ExtractConfig(diameter=160.0, unlabeled_per_micrograph=60, val_fraction=0.5, seed=0), quiet=True)
-    return root / "ds"
+    return small_dataset(tmp_path_factory.mktemp("planset"))
 
 
 def _config(dataset_dir, out):
