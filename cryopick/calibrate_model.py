@@ -19,7 +19,7 @@ from cryopick.dataset import load_labeled_micrographs
 from cryopick.errors import CryopickError
 from cryopick.evaluate import match_picks
 from cryopick.fsutil import save_torch_atomic
-from cryopick.inference import DenseScorer, MapGeometry
+from cryopick.inference import DenseScorer
 from cryopick.nms import candidate_picks
 
 
@@ -33,7 +33,7 @@ def peak_scores(model, micrographs: list[dict], pad: int, radius_px: float, devi
         logits = scorer(binned[None])[0]
         scales = tuple(float(v) for v in mic["scales"])
         shape = tuple(int(v) for v in mic["shape"])
-        geometry = MapGeometry(model.output_stride, pad, scales)
+        geometry = scorer.geometry(scales)
         cand = candidate_picks(logits, geometry, tuple(binned.shape), shape, radius_px)
         labels = mic["labels"].numpy().reshape(-1, 2)
         hit = match_picks(np.stack([cand.x, cand.y], axis=1), cand.score, labels, radius_px)

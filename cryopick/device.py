@@ -45,7 +45,6 @@ def channels_last(x: T, enabled: bool) -> T:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def to_input(patches: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """A batch of (N, H, W) patches as the model's float (N, 1, H, W) input, channels-last where asked."""
-    x = patches.float().unsqueeze(1)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+def to_input(patches: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """A batch of (N, H, W) patches as the model's float (N, 1, H, W) input, channels-last when ``enabled``."""
+    return channels_last(patches.float().unsqueeze(1), enabled)

@@ -27,6 +27,7 @@ from cryopick.config import validate as validate_config
 from cryopick.data import PatchDataset, PUBatchSampler, SplitData, batch_composition
 from cryopick.dataset import dataset_micrographs, load_dataset
 from cryopick.device import autocast_factory, resolve_device, to_input
+from cryopick.device import channels_last as to_channels_last
 from cryopick.ema import EMATeacher
 from cryopick.errors import CryopickError
 from cryopick.fsutil import (
@@ -191,6 +192,11 @@ def select_unlabeled(split: SplitData, config: TrainConfig, quiet: bool) -> Spli
     return chosen
 
 
+def _on(data: SplitData, device: torch.device) -> SplitData:
+    """Patches on the GPU once, not copied there every step or epoch; on the CPU they stay where they are."""
+    return data.to(device) if device.type == "cuda" else data
+
+
 def build_run(config: TrainConfig, exp_dir: Path, quiet: bool) -> Run:
     """Device and ranks, the dataset and its prior, the model, teacher and optimiser, the P:U sampler."""
     dist = Distributed(resolve_device(config.train.device))
@@ -205,12 +211,11 @@ def build_run(config: TrainConfig, exp_dir: Path, quiet: bool) -> Run:
     on_cuda = device.type == "cuda"
     channels_last = config.train.channels_last and on_cuda
     model = PatchClassifier(config.model.backbone, config.model.dropout, config.model.output_stride).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = to_channels_last(model, channels_last)
     teacher = EMATeacher(model, config.model.ema_decay) if config.model.use_ema else None
     optimizer = make_optimizer(model, config)
     train_data = select_unlabeled(dataset.train, config, quiet or not dist.main)
-    train_data = train_data.to(device) if on_cuda else train_data
+    train_data = _on(train_data, device)
     n_p, n_u = batch_composition(config.data.batch_size, config.data.batch_ratio)
     sampler = PUBatchSampler(len(train_data.positive), len(train_data.unlabeled), n_p, n_u, config.train.seed,
                              config.train.steps_per_epoch, dist.rank, dist.world)
@@ -220,7 +225,7 @@ def build_run(config: TrainConfig, exp_dir: Path, quiet: bool) -> Run:
     gen = torch.Generator(device=device).manual_seed(config.train.seed * 7919 + dist.rank)
     return Run(config, exp_dir, dist, device, dataset, prior, shift_px, channels_last,
                autocast_factory(config.train.amp and on_cuda), model, teacher, optimizer, train_data,
-               validation_subset(dataset.val, val_budget), val_budget, sampler, gen)
+               _on(validation_subset(dataset.val, val_budget), device), val_budget, sampler, gen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +388,7 @@ def end_epoch(run: Run, state: TrainState, row: dict, log: MetricsLog, quiet: bo
     stop = False
     if run.dist.main:
         row.update(validate(run.eval_model, run.val_data, run.prior, run.shift_px * run.dataset.record.bin_factor,
-                            run.device, run.autocast, run.val_budget, run.channels_last))
+                            run.device, run.autocast, run.channels_last))
         stop = _track_best(run, state, row)
         info(epoch_line(row, config.train.epochs, config.train.monitor, state.best, state.best_epoch), quiet)
         log.log(row)

@@ -38,20 +38,21 @@ def predict(model: torch.nn.Module, patches: torch.Tensor, device: torch.device,
 
 
 def validate(model, split: SplitData, prior: float, radius_original_px: float, device, autocast,
-             max_patches: int, channels_last: bool, threshold: float = 0.5) -> dict:
-    """PU metrics (positives vs unlabeled), the PU-corrected AUC, and true metrics when truth is known."""
+             channels_last: bool, threshold: float = 0.5) -> dict:
+    """PU metrics (positives vs unlabeled), the PU-corrected AUC, and true metrics when truth is known.
+
+    Every patch of ``split`` is scored: train passes its budgeted subset (``trainplan.validation_subset``).
+    """
     if len(split.positive) == 0 or len(split.unlabeled) == 0:
         return {}
-    n_u = min(len(split.unlabeled), max_patches)
-    unl = split.unlabeled[:n_u]
     p_pos = predict(model, split.positive, device, autocast, channels_last=channels_last)
-    p_unl = predict(model, unl, device, autocast, channels_last=channels_last)
+    p_unl = predict(model, split.unlabeled, device, autocast, channels_last=channels_last)
     scores = np.concatenate([p_pos, p_unl])
     labels = np.concatenate([np.ones(len(p_pos)), np.zeros(len(p_unl))])
     m = binary_metrics(scores, labels, threshold)
     out = {"val_auc_pu": m["auc"], "val_auc_pn": pu_corrected_auc(m["auc"], prior),
            "val_precision": m["precision"], "val_recall": m["recall"], "val_f1": m["f1"]}
-    td = split.unlabeled_truth_distance[:n_u].cpu().numpy()
+    td = split.unlabeled_truth_distance.cpu().numpy()
     true_u = None
     if len(td) and np.isfinite(td).any():
         true_u = (td <= radius_original_px).astype(float)
@@ -83,7 +84,7 @@ def evaluate_patches(checkpoint: str | Path, data_dir: str | Path, split: str = 
     pi = prior if prior is not None else float(ckpt.get("training_state", {}).get("prior") or cfg["loss"]["prior"])
     radius = positive_radius_px(cfg["data"]["max_shift"], dataset.record) * dataset.record.bin_factor
     metrics = validate(model, data, pi, radius, dev, autocast_factory(dev.type == "cuda"),
-                       max_patches=len(data.unlabeled), channels_last=False, threshold=threshold)
+                       channels_last=False, threshold=threshold)
     metrics.update({"n_positive": len(data.positive), "n_unlabeled": len(data.unlabeled), "prior": pi,
                     "split": split, "threshold": threshold})
     return metrics

@@ -141,7 +141,8 @@ def _read_tables(path: Path, pixel_size: float | None, allow_list: bool,
     if path.name.startswith(_SUFFIX_NODE_PREFIX):
         return _read_suffix_node(path, warnings)
     if is_cs_file(path):  # binary numpy: before the text sniffing below
-        return [CoordinateTable(path, name, coords) for name, coords in read_cs_locations(path, cs_flip_y)]
+        return [CoordinateTable(path, name, _finite_rows(coords))  # non-finite rows counted as for every format
+                for name, coords in read_cs_locations(path, cs_flip_y)]
     head = _read_head(path)
     if not head.strip():
         return [CoordinateTable(path, None, empty_coords())]  # RELION's empty coordinate table is a 0-byte file

@@ -78,6 +78,7 @@ def read_cs_locations(path: str | Path, flip_y: bool = True) -> list[tuple[str, 
 
     Centres are a frame with ``x``, ``y`` (original micrograph pixels, RELION's row convention) and
     ``score`` (NaN when absent); ``flip_y``: cryoSPARC's lower-left origin (see the module docstring).
+    Rows without a finite centre are kept: ``io.coords`` drops and counts them as for every format.
     """
     path = Path(path)
     array = load_cs(path)
@@ -92,8 +93,6 @@ def read_cs_locations(path: str | Path, flip_y: bool = True) -> list[tuple[str, 
              else np.full(len(array), np.nan))
     frame = pd.DataFrame({"x": fx * shapes[:, 1], "y": fy * shapes[:, 0], "score": score})
     names = np.array([_text(v) for v in array[PATH_FIELD]], dtype=object)
-    keep = np.isfinite(frame["x"].to_numpy()) & np.isfinite(frame["y"].to_numpy())
-    frame, names = frame[keep].reset_index(drop=True), names[keep]
     return [(str(name), rows.reset_index(drop=True)) for name, rows in frame.groupby(names, sort=False)]
 
 
