@@ -426,6 +426,7 @@ RELION_HELP = (
 
 
 @app.command("relion", context_settings=RELION_CONTEXT, help=RELION_HELP)
+@user_errors  # SIGTERM from a cluster scheduler becomes an interrupt, which the job records as its failure
 def relion(
     ctx: typer.Context,
     out: str = typer.Option(..., "--o", help="Job directory RELION gives, e.g. External/job005/ (run from the "

@@ -29,7 +29,6 @@ same command: extraction and training already finished are kept, an interrupted 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import signal
 import threading
@@ -258,6 +257,8 @@ def _run(inputs: RelionJobInputs, settings: RelionJobSettings, abort: AbortWatch
         raise CryopickError("no input micrographs: set 'Input micrographs' (--in_mics) in the Input tab")
     if abort.requested():
         return False
+    pick_config = _pick_config(settings)  # bad pick settings fail now, not after a whole training
+    version = relion_version(inputs.project_dir, settings.relion_version)
     _use_threads(inputs.threads, settings.device)
     if settings.model:
         model = Path(settings.model)
@@ -268,8 +269,8 @@ def _run(inputs: RelionJobInputs, settings: RelionJobSettings, abort: AbortWatch
         model = _train(inputs, settings, abort, quiet)
         if model is None:
             return False
-    summary = _pick(inputs, settings, model, abort, quiet)
-    write_relion_outputs(inputs, settings.relion_version)
+    summary = _pick(inputs, pick_config, model, abort, quiet)
+    write_relion_outputs(inputs, str(version))
     info(f"{len(summary.counts)} micrographs picked now ({summary.total_picks} particles), "
          f"{len(summary.skipped)} kept from before; coordinates for Particle extraction: "
          f"{_node_name(inputs.out, COORDINATE_LIST)}", quiet)
@@ -330,13 +331,18 @@ def _train(inputs: RelionJobInputs, settings: RelionJobSettings, abort: AbortWat
     return best
 
 
-def _pick(inputs: RelionJobInputs, settings: RelionJobSettings, model: Path, abort: AbortWatch, quiet: bool):
-    from cryopick.config import PickConfig
+def _pick_config(settings: RelionJobSettings):
+    """The Params rows as a validated PickConfig."""
+    from cryopick.config import PickConfig, resolve
+
+    return resolve(PickConfig, None, {"threshold": settings.threshold, "suffix": SUFFIX, "device": settings.device,
+                                      "expected_particles": settings.expected_particles, "edge": settings.edge,
+                                      "max_picks": settings.max_picks})
+
+
+def _pick(inputs: RelionJobInputs, config, model: Path, abort: AbortWatch, quiet: bool):
     from cryopick.pick import pick
 
-    config = dataclasses.replace(PickConfig(), threshold=settings.threshold, suffix=SUFFIX, device=settings.device,
-                                 expected_particles=settings.expected_particles, edge=settings.edge,
-                                 max_picks=settings.max_picks)
     # the job directory as RELION gave it (relative to the project), so pick's own lists use RELION's paths
     return pick(inputs.in_mics, model, inputs.out, config, quiet=quiet, project_dir=inputs.project_dir,
                 stop=abort.requested)
@@ -390,7 +396,3 @@ def write_relion_outputs(inputs: RelionJobInputs, version_setting: str = "auto")
     write_text_atomic(job_dir / OUTPUT_NODES, node)
     return [job_dir / COORDINATE_LIST, job_dir / OUTPUT_NODES]
 
-
-def params_help() -> str:
-    """The Params rows, one per line (for --help and the README)."""
-    return "\n".join(f"{name}: {p.help}" for name, p in PARAMS.items())

@@ -296,3 +296,10 @@ def test_cryopick_relion_entry_point_takes_relion_command_line(project):
     assert result.returncode == 0, result.stdout + result.stderr
     assert exit_files(project / JOB) == {EXIT_SUCCESS}
     assert len(starfile.read(project / JOB / "autopick.star")) == 3
+
+
+def test_bad_pick_settings_fail_before_any_training(project):
+    result = run_job("--in_coords", "ManualPick/job004/manualpick.star", "--diameter", "150", "--threshold", "1.5")
+    assert result.exit_code == 1 and exit_files(project / JOB) == {EXIT_FAILURE}
+    assert "--threshold" in (project / JOB / EXIT_FAILURE).read_text()
+    assert not (project / JOB / "cryopick").exists()  # nothing was extracted or trained
