@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cryopick.data import SplitData
+from cryopick.metrics import best_f1_index, f1_curve
 
 VAL_MIN_PATCHES = 512  # below this, held-out AUC/recall are too noisy to pick the best epoch by
 MIN_POSITIVES_FOR_THRESHOLD = 10  # fewer held-out positives: no score quantile or best-F1 threshold
@@ -88,25 +89,29 @@ def threshold_report(p_pos: np.ndarray, p_unl: np.ndarray, prior: float, true_un
     if true_unl is not None:
         scores = np.concatenate([p_pos, p_unl])
         labels = np.concatenate([np.ones(len(p_pos), bool), np.asarray(true_unl, bool)])
-        recall = np.array([np.mean(scores[labels] >= t) for t in grid])
-        picked = np.array([np.sum(scores >= t) for t in grid])
-        hits = np.array([np.sum(scores[labels] >= t) for t in grid])
+        hits = _at_least(scores[labels], grid)
+        picked = _at_least(scores, grid)
+        recall = hits / max(int(labels.sum()), 1)
         precision = np.where(picked > 0, hits / np.maximum(picked, 1), np.nan)
     else:
-        recall = np.array([np.mean(p_pos >= t) for t in grid])
-        above = np.array([np.mean(p_unl >= t) for t in grid])
+        recall = _at_least(p_pos, grid) / len(p_pos)
+        above = _at_least(p_unl, grid) / len(p_unl)
         precision = np.where(above > 0, np.minimum(1.0, prior * recall / np.maximum(above, 1e-12)), np.nan)
     at = int(np.argmin(np.abs(grid - threshold)))
     out["val_est_precision"] = float(precision[at])
     if len(p_pos) >= MIN_POSITIVES_FOR_THRESHOLD:
         out["val_recall90_score"] = float(np.quantile(p_pos, 0.1, method="lower"))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            f1 = np.where(np.isfinite(precision), 2 * precision * recall / (precision + recall), np.nan)
-        if np.isfinite(f1).any() and np.nanmax(f1) > 0:
-            best = int(np.nanargmax(f1))
+        f1 = f1_curve(precision, recall)
+        best = best_f1_index(precision, recall)
+        if best is not None and f1[best] > 0:
             out["val_patch_f1_threshold"] = float(grid[best])
             out["val_patch_f1"] = float(f1[best])
     return out
+
+
+def _at_least(scores: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """How many ``scores`` reach each threshold of the ascending ``grid``."""
+    return len(scores) - np.searchsorted(np.sort(scores), grid, side="left")
 
 
 # ---------------------------------------------------------------------------------------------
