@@ -29,17 +29,18 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_case(case_dir: Path, out: Path, epochs: int, steps: int, seed: int, expected: float | None) -> dict:
+def run_case(case_dir: Path, out: Path, epochs: int, steps: int, seed: int, expected: float | None,
+             extract_overrides: dict | None = None, train_overrides: dict | None = None) -> dict:
     case = json.loads((case_dir / "case.json").read_text())
     diameter = float(case["particle"]["diameter_A"])
     radius_px = case["particle"]["diameter_px"] / 2
     t0, c0 = time.perf_counter(), _cpu()
     data = out / "dataset"
     extract(str(case_dir / "micrographs_ctf.star"), str(case_dir / "labels"), data,
-            ExtractConfig(diameter=diameter, overwrite=True), project_dir=case_dir, quiet=True)
+            ExtractConfig(diameter=diameter, overwrite=True, **(extract_overrides or {})), project_dir=case_dir, quiet=True)
     overrides = {"data.data_dir": str(data), "train.output_root": str(out / "experiments"), "train.exp_name": "run",
                  "model.backbone": "resnet8", "train.device": "cpu", "train.epochs": epochs,
-                 "train.steps_per_epoch": steps, "train.seed": seed, "loss.expected_particles": expected}
+                 "train.steps_per_epoch": steps, "train.seed": seed, "loss.expected_particles": expected, **(train_overrides or {})}
     result = train(resolve(TrainConfig, None, overrides), overwrite=True, quiet=True)
     picks = out / "picks"
     pick(str(case_dir / "micrographs_ctf.star"), result.exp_dir / "checkpoints" / "best.pt", picks,
@@ -63,14 +64,21 @@ def main(argv=None) -> int:
     ap.add_argument("--with-count", action="store_true", help="give train the true particle count")
     ap.add_argument("--expected-particles", "--expected", dest="expected", type=float,
                     help="give train this particle count per micrograph")
+    ap.add_argument("--bin", type=int, help="extract bin factor (default: extract's choice)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="train config override, e.g. model.output_stride=4 (YAML value)")
     args = ap.parse_args(argv)
+    import yaml  # noqa: PLC0415  (benchmark-only)
+    train_overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    extract_overrides = {"bin": args.bin} if args.bin else {}
     rows = []
     for case_dir in args.cases:
         expected = args.expected
         if args.with_count:
             c = json.loads((case_dir / "case.json").read_text())
             expected = c["counts"]["n_truth_total"] / c["n_micrographs"]
-        row = run_case(case_dir, args.out / case_dir.name, args.epochs, args.steps, args.seed, expected)
+        row = run_case(case_dir, args.out / case_dir.name, args.epochs, args.steps, args.seed, expected,
+                       extract_overrides, train_overrides)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "overall"}), flush=True)
     (args.out / "defaults.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$W/gpu.txt
 t0=$(date +%s)
 
 # 1. training step speed (full step vs pre-made tensors), bf16 AMP   [~1.5 min]
-timeout 150 python3 benchmarks/train_speed.py --backbone resnet8 resnet18 --device cuda --steps 200 2>&1 | tee "$W/train_speed.txt"
+timeout 150 python3 benchmarks/train_speed.py --backbone resnet8 resnet18 --device cuda --steps 100 2>&1 | tee "$W/train_speed.txt"
 
 # 2. pick speed: 4096² micrographs binned ×4, resnet18, vs floor and window-by-window   [~1.5 min]
 timeout 150 python3 benchmarks/pick_speed.py --backbone resnet18 --device cuda --micrographs 32 2>&1 | tee "$W/pick_speed.txt"

@@ -4,10 +4,15 @@ After training, the final model scores labeled micrographs densely (the code pic
 NMS). Their peaks are a mixture: particles and everything else. The labeled particles' peaks show what a
 particle's score looks like (f_P; unmatched labels count as "never picked"), all peaks give the mixture f.
 
+- **Mixture** (first choice, without a count): two Gaussians fitted to the peaks' logits; the upper component
+  (where the held-out labels sit) is the particles, its weight the count, its responsibility the posterior
+  (``mixture_posterior``). Labels are the clearest particles, so their recall over-states everyone's; the
+  mixture uses them only to say which component is the particles.
+- Otherwise (a given count, or labels outside the upper component), from the labels:
 - **Mixture proportion** α (particles per peak): above any threshold t there are at least as many peaks
   as particles, #peaks(≥ t) ≥ N·R(t), with R(t) the fraction of labels picked at ≥ t. So
-  N ≤ #peaks(≥ t) / R(t) for every t, with equality where only particles score above t; the estimate is
-  the minimum over thresholds keeping at least ``min_labels`` labels (Elkan–Noto/Scott style).
+  N ≤ #peaks(≥ t) / R(t) for every t, with equality where only particles score above t (Elkan–Noto/Scott
+  style); the estimate reads it where R reaches ``COUNT_RECALL`` (see ``estimate_particle_count``).
 - **Posterior** P(particle | score): the expected particles among the top k peaks are C(k) = N·R(s_k);
   the slope of its least concave majorant is a non-increasing (in rank) estimate of the posterior,
   clipped to [0, 1]. It is stored as a monotone table on logits and applied by pick, so a pick's figure of
@@ -26,7 +31,9 @@ from scipy.special import logit as _logit
 
 from cryopick.errors import CryopickError
 
-MIN_LABELS = 5  # thresholds keeping fewer matched labels than this are too noisy to bound N
+MIN_MIXTURE_PEAKS = 50  # fewer peaks than this: no mixture fit, the labels' recall decides
+MIN_SEPARATION = 2.0  # Ashman's D of the two components below which they are not two populations
+COUNT_RECALL = 0.8  # the held-out label recall at which the particle count is read (estimate_particle_count)
 LOGIT_CLIP = 30.0  # σ(30) = 1 − 1e-13: beyond this probabilities saturate in float64
 TIE_BREAK = 0.01  # weight of the peaks' rank in the calibrated score: keeps the ranking through the 6 decimals
 N_QUANTILES = 101  # quantiles of the calibration peaks' logits stored for the tie-break
@@ -48,6 +55,7 @@ class Calibration:
     quantiles: tuple[float, ...] = ()  # logit quantiles of the calibration peaks (strictly increasing)
     best_f1_threshold: float | None = None  # calibrated score maximising the estimated F1 on these peaks
     best_f1_estimate: float | None = None  # that estimated F1 (against N particles)
+    method: str = "labels"  # mixture: two-component fit of the peaks' logits; labels: held-out label recall
 
     def apply(self, probabilities: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of raw probabilities σ(logit).
@@ -91,7 +99,8 @@ class Calibration:
         return cal
 
     def describe(self) -> str:
-        source = "your count" if self.count_given else "estimated from the labels"
+        source = ("your count" if self.count_given else "estimated from the peak scores" if self.method == "mixture"
+                  else "estimated from the labels")
         where = "held-out" if self.held_out else "training (optimistic)"
         text = (f"{self.particles_per_micrograph:.1f} particles per micrograph ({source}; {self.n_labels_matched} of "
                 f"{self.n_labels} {where} labels picked among {self.n_peaks} peaks on {self.n_micrographs} "
@@ -108,8 +117,14 @@ def label_recall(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels: in
 
 
 def estimate_particle_count(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels: int,
-                            min_labels: int = MIN_LABELS) -> float:
-    """N = min over thresholds of #peaks(≥ t) / R(t), over thresholds keeping ≥ ``min_labels`` labels.
+                            recall: float = COUNT_RECALL) -> float:
+    """N = #peaks(≥ t) / R(t) at the score t that ``recall`` of the labels reach (R(t) ≥ ``recall``).
+
+    Every threshold bounds N from above (peaks(≥ t) ≥ N·R(t)); the bound is tight where few non-particles
+    score above t. The minimum over all thresholds is the tightest bound in theory but, with the 10–30
+    held-out labels of a typical run, it follows the noise of R at the top and under-counts; at R ≈ 0.8
+    most particles and few other peaks lie above t when the model separates them. With fewer labels
+    matched than that, the lowest matched label's score is used.
 
     ``peak_scores``: every peak of the micrographs; ``label_scores``: the scores of the peaks matched to
     labels (a subset of ``peak_scores``); ``n_labels``: all labels, matched or not.
@@ -119,10 +134,10 @@ def estimate_particle_count(peak_scores: np.ndarray, label_scores: np.ndarray, n
     if n_labels <= 0 or len(matched) == 0:
         raise CryopickError("no label was found among the peaks: cannot estimate the number of particles; "
                             "give the count (train --expected-particles N)")
-    usable = matched[min(len(matched), max(1, min_labels)) - 1:]  # thresholds keeping ≥ min_labels labels
-    ordered = np.sort(peaks)
-    above = len(ordered) - np.searchsorted(ordered, usable, side="left")
-    return float(np.min(above / label_recall(usable, matched, n_labels)))
+    k = min(len(matched), max(1, math.ceil(recall * n_labels - 1e-9)))
+    t = matched[k - 1]
+    above = int(np.count_nonzero(peaks >= t))
+    return float(above / label_recall(np.array([t]), matched, n_labels)[0])
 
 
 def posterior_table(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels: int,
@@ -166,10 +181,12 @@ def _concave_majorant(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit_calibration(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels: int, n_micrographs: int,
-                    held_out: bool, expected_particles: float | None = None) -> Calibration:
+                    held_out: bool, expected_particles: float | None = None, n_known: int = 0) -> Calibration:
     """Calibration from the peaks of ``n_micrographs`` labeled micrographs (see the module docstring).
 
-    ``expected_particles`` (per micrograph), when given, replaces the estimated count.
+    ``expected_particles`` (per micrograph), when given, replaces the estimated count. ``n_known``: particles
+    whose peaks were left out of ``peak_scores`` (the labels that trained the model); they are added to the
+    count, and the posterior is that of the other peaks.
     """
     peaks = np.asarray(peak_scores, dtype=np.float64)
     labels = np.asarray(label_scores, dtype=np.float64)
@@ -178,28 +195,85 @@ def fit_calibration(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels:
     if np.ptp(peaks) == 0:
         raise CryopickError("every peak has the same score (an untrained model?): cannot calibrate; "
                             "train longer, or pick with your own --threshold")
-    if expected_particles is not None:
-        if len(labels) == 0:
-            raise CryopickError("no label was found among the peaks: cannot calibrate")
-        n_total, given = float(expected_particles) * n_micrographs, True
+    if len(labels) == 0:
+        raise CryopickError("no label was found among the peaks: cannot calibrate; give the count "
+                            "(train --expected-particles N) or pick with your own --threshold")
+    mixture = mixture_posterior(peaks, labels) if expected_particles is None else None
+    if mixture is not None:
+        knots, values, n_total = mixture
+        given, method = False, "mixture"
     else:
-        n_total, given = estimate_particle_count(peaks, labels, n_labels), False
-    knots, values = posterior_table(peaks, labels, n_labels, n_total)
+        if expected_particles is not None:
+            n_total, given = max(float(expected_particles) * n_micrographs - n_known, 1.0), True
+        else:
+            n_total, given = estimate_particle_count(peaks, labels, n_labels), False
+        knots, values = posterior_table(peaks, labels, n_labels, n_total)
+        method = "labels"
     z = np.clip(_logit(np.clip(peaks, 0.0, 1.0)), -LOGIT_CLIP, LOGIT_CLIP)
     quantiles = np.unique(np.quantile(z, np.linspace(0, 1, N_QUANTILES)))
     calibration = Calibration(tuple(float(v) for v in knots), tuple(float(v) for v in values),
-                       float(n_total / n_micrographs), int(n_micrographs), len(peaks), int(n_labels), len(labels),
-                       bool(held_out), given, tuple(float(v) for v in quantiles))
-    raw_threshold, f1 = estimated_best_f1(peaks, labels, n_labels, n_total)
+                              float((n_total + n_known) / n_micrographs), int(n_micrographs), len(peaks),
+                              int(n_labels), len(labels), bool(held_out), given,
+                              tuple(float(v) for v in quantiles), method=method)
+    posterior = np.interp(np.sort(z)[::-1], knots, values)
+    raw_threshold, f1 = estimated_best_f1(np.sort(peaks)[::-1], posterior, n_total)
     return replace(calibration, best_f1_threshold=float(calibration.apply(np.array([raw_threshold]))[0]),
                    best_f1_estimate=f1)
 
 
-def estimated_best_f1(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels: int,
-                      n_particles: float) -> tuple[float, float]:
-    """(raw threshold, F1) maximising the estimated F1 = 2·N·R(t) / (#peaks(≥ t) + N) over the peaks."""
-    peaks = np.sort(np.asarray(peak_scores, dtype=np.float64))[::-1]
-    recall = label_recall(peaks, label_scores, n_labels)
-    f1 = 2 * n_particles * recall / (np.arange(1, len(peaks) + 1) + n_particles)
+def estimated_best_f1(peaks_desc: np.ndarray, posterior_desc: np.ndarray, n_particles: float) -> tuple[float, float]:
+    """(raw threshold, F1) maximising the estimated F1 = 2·TP(t) / (#peaks(≥ t) + N) over the peaks (sorted by
+    decreasing score), TP(t) the summed posterior of the peaks kept."""
+    tp = np.minimum(np.cumsum(np.asarray(posterior_desc, dtype=np.float64)), n_particles)
+    f1 = 2 * tp / (np.arange(1, len(tp) + 1) + n_particles)
     best = int(np.argmax(f1))
-    return float(peaks[best]), float(f1[best])
+    return float(peaks_desc[best]), float(f1[best])
+
+
+def fit_two_gaussians(z: np.ndarray, iterations: int = 300) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(weights, means, standard deviations) of a two-component Gaussian mixture fitted to ``z`` by EM,
+    started deterministically at the lower quartile and the 95th percentile."""
+    z = np.asarray(z, dtype=np.float64)
+    mu = np.quantile(z, [0.25, 0.95])
+    sd = np.full(2, max(z.std() / 2, 1e-3))
+    w = np.array([0.8, 0.2])
+    for _ in range(iterations):
+        resp = _responsibilities(z, w, mu, sd)
+        nk = resp.sum(axis=0) + 1e-12
+        w, mu = nk / len(z), (resp * z[:, None]).sum(axis=0) / nk
+        sd = np.sqrt((resp * (z[:, None] - mu) ** 2).sum(axis=0) / nk) + 1e-3
+    return w, mu, sd
+
+
+def _responsibilities(z: np.ndarray, w: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    log_p = -0.5 * ((z[:, None] - mu) / sd) ** 2 - np.log(sd) + np.log(np.maximum(w, 1e-300))
+    log_p -= log_p.max(axis=1, keepdims=True)
+    p = np.exp(log_p)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def mixture_posterior(peak_scores: np.ndarray, label_scores: np.ndarray,
+                      n_knots: int = 200) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(knots, posterior, particles) from two Gaussians fitted to the peaks' logits, or None when they are not
+    two clear populations (Ashman's D < ``MIN_SEPARATION``, or an upper component holding most peaks) or the
+    held-out labels do not sit in the upper one (then the label-recall estimate is used).
+
+    Labels are the particles users pick first, isolated and clear, so they score above the typical particle
+    and their recall over-states everyone's; the mixture does not rely on them for the count: its upper
+    component is the particles, its weight × #peaks their number, its responsibility (made non-decreasing
+    in the logit) P(particle | score). The labels only confirm which component is the particles.
+    """
+    z = np.clip(_logit(np.clip(np.asarray(peak_scores, dtype=np.float64), 0.0, 1.0)), -LOGIT_CLIP, LOGIT_CLIP)
+    z_labels = np.clip(_logit(np.clip(np.asarray(label_scores, dtype=np.float64), 0.0, 1.0)), -LOGIT_CLIP, LOGIT_CLIP)
+    if len(z) < MIN_MIXTURE_PEAKS or len(z_labels) == 0:
+        return None
+    w, mu, sd = fit_two_gaussians(z)
+    upper = int(np.argmax(mu))
+    separation = math.sqrt(2) * abs(mu[1] - mu[0]) / math.sqrt(sd[0] ** 2 + sd[1] ** 2)  # Ashman's D
+    if separation < MIN_SEPARATION or w[upper] >= 0.5:
+        return None  # not two populations, or "particles" that outnumber everything else: not this model
+    if np.median(_responsibilities(z_labels, w, mu, sd)[:, upper]) < 0.5:
+        return None
+    knots = np.linspace(z.min(), z.max(), n_knots)
+    values = np.maximum.accumulate(_responsibilities(knots, w, mu, sd)[:, upper])
+    return knots, values, float(w[upper] * len(z))

@@ -138,8 +138,7 @@ def default_config_text() -> str:
     return resources.files("cryopick").joinpath("configs/pu_selective_fixmatch.yaml").read_text()
 
 
-@app.command(epilog="Example: cryopick train --data-dir ds/ --exp-name run1 --expected-particles 300 "
-                     "--balanced-prior 0.5   (--print-config shows every key)")
+@app.command(epilog="Example: cryopick train --data-dir ds/ --exp-name run1   (--print-config shows every key)")
 @user_errors
 def train(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Dataset from extract (directory) or a "
@@ -147,27 +146,36 @@ def train(
     exp_name: Optional[str] = typer.Option(None, "--exp-name", help="Experiment name: output goes to OUTPUT_ROOT/NAME."
                                            + default(TrainConfig, "train.exp_name")),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (keys as in --print-config); CLI wins."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (one epoch shows every positive once)."
+    mode: Optional[str] = typer.Option(None, "--mode", help="dense: every score-map sample of random crops of the "
+                                       "labeled micrographs is a PU sample (labels within the positive radius, D/8, "
+                                       "are positive); patches: one sample per extracted patch (the design "
+                                       "document's classifier)." + default(TrainConfig, "data.mode")),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (patches: one epoch shows every "
+                                         "positive once; dense: crops covering the labeled micrographs 4 times)."
                                          + default(TrainConfig, "train.epochs")),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Patches per batch, positives + unlabeled."
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Patches (dense: crops of patch size) per "
+                                             "batch; P:U 1:4 (dense: 1 of 5 crops centred near a label)."
                                              + default(TrainConfig, "data.batch_size")),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="resnet8 (small, CPU), resnet18, resnet34, resnet50."
                                            + default(TrainConfig, "model.backbone")),
     prior: Optional[float] = typer.Option(None, "--prior", help="Class prior π: fraction of unlabeled patch centres "
-                                          "within the positive radius of a particle, 0 < π < 1."
-                                          + default(TrainConfig, "loss.prior")),
+                                          "(dense: map samples) within the positive radius of a particle, 0 ≤ π < 1 "
+                                          "[default: 0 dense (balanced positive-vs-unlabeled, no count needed), 0.3 "
+                                          "patches]."),
     expected_particles: Optional[float] = typer.Option(None, "--expected-particles", help="Particles per micrograph; "
                                                        "sets π from the positive radius and micrograph area."),
     balanced_prior: Optional[float] = typer.Option(None, "--balanced-prior", help="Imbalanced nnPU (Su et al. 2021): "
                                                    "weigh the risks as if the prior were this (e.g. 0.5) so rare "
-                                                   "particles reach probabilities above 0.5 (default: plain nnPU)."),
+                                                   "particles reach probabilities above 0.5 [default: 0.5 dense, "
+                                                   "plain nnPU patches]."),
     consistency: Optional[str] = typer.Option(None, "--consistency", help="selective (unlabeled only), all (standard "
                                               "FixMatch) or none (PU only)." + default(TrainConfig, "loss.consistency")),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", metavar="", help="EMA teacher (--no-ema: pseudo-labels "
                                        "and validation use the student)." + default(TrainConfig, "model.use_ema")),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate." + default(TrainConfig, "optim.lr")),
-    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help="Batches per epoch (default: one pass "
-                                                  "over the unlabeled patches; positives cycle, each seen every epoch)."),
+    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help="Batches per epoch (default: dense, "
+                                                  "crops covering the labeled micrographs 4 times; patches, one pass "
+                                                  "over the unlabeled patches, positives cycled)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."
                                          + default(TrainConfig, "train.device")),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", metavar="", help="bf16 autocast on CUDA."
@@ -191,7 +199,7 @@ def train(
 
     overrides = {
         "data.data_dir": str(data_dir) if data_dir else None, "train.exp_name": exp_name, "train.epochs": epochs,
-        "data.batch_size": batch_size, "model.backbone": backbone, "loss.prior": prior,
+        "data.batch_size": batch_size, "data.mode": mode, "model.backbone": backbone, "loss.prior": prior,
         "loss.expected_particles": expected_particles, "loss.consistency": consistency,
         "loss.balanced_prior": balanced_prior,
         "model.use_ema": ema, "optim.lr": lr, "train.amp": amp, "train.steps_per_epoch": steps_per_epoch,

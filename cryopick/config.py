@@ -45,9 +45,11 @@ class ExtractConfig:
 class DataConfig:
     data_dir: str = ""
     batch_size: int = 32
-    batch_ratio: list[int] = field(default_factory=lambda: [1, 4])  # P : U in each batch
+    batch_ratio: list[int] = field(default_factory=lambda: [1, 4])  # P : U per batch (dense: crops near a label : any)
     max_shift: float = 0.125  # crop shift of weak augmentation = positive tolerance, fraction of the diameter
-    unlabeled_from: str = "labeled"  # labeled: U only from micrographs with labels (no micrograph bias) | all
+    mode: str = "dense"  # dense: every score-map sample of random labeled-micrograph crops | patches: one per patch
+    holdout_labels: float = 0.2  # dense: fraction of each micrograph's labels kept out of training (validation)
+    unlabeled_from: str = "labeled"  # patches: U only from micrographs with labels (no micrograph bias) | all
 
     RENAMED_VALUES: ClassVar[dict] = {"unlabeled_from": {"labelled": "labeled"}}  # older configs spelled it British
 
@@ -63,12 +65,12 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    prior: float = 0.3  # π, fraction of unlabeled patches that are positive
+    prior: float | None = None  # π, fraction of unlabeled samples that are particles; None: 0 dense, 0.3 patches
     expected_particles: float | None = None  # particles per micrograph; sets π when given
     nnpu_beta: float = 0.0  # Kiryo's β: negative risk below −β triggers defitting
     nnpu_gamma: float = 1.0  # Kiryo's γ: step size of the defitting step
     defitting: bool = True  # gradient ascent on −γ·(negative risk) when it drops below −β
-    balanced_prior: float | None = None  # π' of imbalanced nnPU (Su et al. 2021); None = plain Kiryo nnPU
+    balanced_prior: float | None = None  # π' of imbalanced nnPU (Su et al. 2021); None: 0.5 dense, plain nnPU patches
     consistency: str = "selective"  # selective | all | none
     consistency_threshold: float = 0.95  # τ on conf = |p − 0.5|·2
     lambda_cons: float = 1.0
@@ -247,6 +249,8 @@ RULES: dict[type, dict[str, Rule]] = {
         "batch_size": _r("--batch-size", 2, 1e5, integer=True),
         "max_shift": _r(None, 0, 0.5),
         "unlabeled_from": _r(None, choices=("labeled", "all")),
+        "mode": _r("--mode", choices=("dense", "patches")),
+        "holdout_labels": _r(None, 0, 0.9),
     },
     ModelConfig: {
         "backbone": _r("--backbone"),  # choices from cryopick.model, checked in _check_model
@@ -255,7 +259,7 @@ RULES: dict[type, dict[str, Rule]] = {
         "ema_decay": _r(None, 0, 1, high_open=True),
     },
     LossConfig: {
-        "prior": _r("--prior", 0, 1, low_open=True, high_open=True),
+        "prior": _r("--prior", 0, 1, high_open=True, optional=True),
         "expected_particles": _r("--expected-particles", 0, 1e7, low_open=True, optional=True),
         "nnpu_beta": _r(None, 0, 1e3),
         "nnpu_gamma": _r(None, 0, 1e3),

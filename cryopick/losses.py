@@ -63,9 +63,15 @@ def nnpu_loss(logits_p: torch.Tensor, logits_u: torch.Tensor, prior: float, beta
     ``balanced_prior`` π' (Su, Chen & Xu, IJCAI 2021, "PU learning from imbalanced data") reweights
     the two risks as if the classes had prior π': ``π'·R_p^+`` and ``(1−π')/(1−π)·negative_risk``.
     With rare particles (π ≈ 0.01–0.05) the plain risk gives positives almost no weight and the
-    posterior stays far below 0.5; with π' = 0.5 a threshold of 0.5 is the balanced decision.
+    posterior stays far below 0.5; with π' = 0.5 a threshold of 0.5 is the balanced decision. With π' given,
+    π = 0 is allowed: the limit is the balanced positive-vs-unlabeled risk ``π'·R_p^+ + (1−π')·R_u^-``, whose
+    score ranks like the true posterior whatever the prior (Elkan & Noto 2008): dense training's default when
+    no particle count is given.
     """
-    _check_prior(prior)
+    if balanced_prior is not None and prior == 0:
+        _check_prior(balanced_prior)
+    else:
+        _check_prior(prior)
     if beta < 0 or gamma <= 0:
         raise CryopickError(f"nnPU needs beta >= 0 and gamma > 0, got beta={beta}, gamma={gamma}")
     f_p = _flat_float(logits_p, "positive logits")
@@ -75,6 +81,8 @@ def nnpu_loss(logits_p: torch.Tensor, logits_u: torch.Tensor, prior: float, beta
         w_pos, w_neg = prior, 1.0
     else:
         _check_prior(balanced_prior)
+        if prior >= 1:
+            raise CryopickError("a balanced prior needs the class prior π below 1")
         w_pos, w_neg = balanced_prior, (1 - balanced_prior) / (1 - prior)
     positive_risk = w_pos * F.softplus(-f_p).mean()
     negative_risk = w_neg * (F.softplus(f_u).mean() - prior * F.softplus(f_p).mean())

@@ -155,12 +155,15 @@ class PatchClassifier(nn.Module):
             )
         return half // self.output_stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N,)`` for patches ``(N, 1, H, W)``: the map sample at the patch centre.
+    def forward(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        """Logits ``(N,)`` for patches ``(N, 1, H, W)``: the map sample at the patch centre; with ``dense``,
+        the whole logit map ``(N, H', W')`` (``score_map``; through ``forward`` so DDP sees it).
 
         The trailing stride-1 stages only need the centre's cone of dependence, so their input is
         cropped to it first (exactly the same logit, far less work for small backbones).
         """
+        if dense:
+            return self.score_map(x)
         cy, cx = self.centre_index(x.shape[-2]), self.centre_index(x.shape[-1])
         bb = self.backbone
         f = bb.stages[:bb.tail_start](bb.stem(x))

@@ -21,9 +21,11 @@ from typing import Callable
 import numpy  # noqa: F401
 import torch
 
+from cryopick.calibrate_model import calibrate_best, held_out_metrics
 from cryopick.checkpoint import load_checkpoint, save_checkpoint
 from cryopick.config import TrainConfig, dump_yaml, to_dict
 from cryopick.config import validate as validate_config
+from cryopick.crops import dense_sampler
 from cryopick.data import PatchDataset, PUBatchSampler, SplitData, batch_composition
 from cryopick.dataset import dataset_micrographs, load_dataset
 from cryopick.device import autocast_factory, resolve_device, to_input
@@ -38,7 +40,6 @@ from cryopick.fsutil import (
     swap_in,
     write_text_atomic,
 )
-from cryopick.losses import prior_from_expected_particles
 from cryopick.model import PatchClassifier
 from cryopick.progress import info, progress_bar, warn
 from cryopick.report import next_steps_train, train_summary
@@ -59,7 +60,16 @@ from cryopick.trainplan import (
     validation_budget,
     validation_subset,
 )
-from cryopick.trainstep import announce_cost, lr_at, make_optimizer, make_views, optimisation_step, step_loss
+from cryopick.trainstep import (
+    announce_cost,
+    dense_step_loss,
+    lr_at,
+    make_optimizer,
+    make_views,
+    optimisation_step,
+    resolve_prior,
+    step_loss,
+)
 from cryopick.validation import positive_radius_px, validate
 
 
@@ -114,6 +124,7 @@ class Run:
     val_budget: int
     sampler: PUBatchSampler
     gen: torch.Generator  # the augmentation stream
+    held_out: list[dict] = field(default_factory=list)  # dense: labeled micrographs with their held-out labels
     ddp_model: torch.nn.Module | None = None
     forward: torch.nn.Module | None = None  # ddp_model, compiled where asked
     rng_snapshot: tuple | None = None  # the random streams at the start of the step in flight
@@ -158,18 +169,6 @@ class Run:
 
 # ---------------------------------------------------------------------------------------------
 # set-up
-
-
-def resolve_prior(config: TrainConfig, dataset: PatchDataset) -> float:
-    """π from ``loss.expected_particles`` (fraction of centres within the positive radius) or ``loss.prior``."""
-    if config.loss.expected_particles is not None:
-        if dataset.mean_binned_area <= 0:
-            raise CryopickError("the dataset does not record micrograph sizes; give loss.prior instead")
-        radius = positive_radius_px(config.data.max_shift, dataset.record)
-        return prior_from_expected_particles(config.loss.expected_particles, radius, dataset.mean_binned_area)
-    if not 0 < config.loss.prior < 1:
-        raise CryopickError(f"loss.prior must be in (0, 1), got {config.loss.prior}")
-    return config.loss.prior
 
 
 def select_unlabeled(split: SplitData, config: TrainConfig, quiet: bool) -> SplitData:
@@ -217,15 +216,20 @@ def build_run(config: TrainConfig, exp_dir: Path, quiet: bool) -> Run:
     train_data = select_unlabeled(dataset.train, config, quiet or not dist.main)
     train_data = _on(train_data, device)
     n_p, n_u = batch_composition(config.data.batch_size, config.data.batch_ratio)
-    sampler = PUBatchSampler(len(train_data.positive), len(train_data.unlabeled), n_p, n_u, config.train.seed,
-                             config.train.steps_per_epoch, dist.rank, dist.world)
-    per_step = forwards_per_step(n_p, n_u, config.loss.consistency, config.loss.lambda_cons)
+    if config.data.mode == "dense":
+        sampler, held_out = dense_sampler(dataset.source, dataset.record.patch_size, model.output_stride, shift_px,
+                                          (n_p, n_u), config, dist.rank, dist.world)
+    else:
+        held_out = []
+        sampler = PUBatchSampler(len(train_data.positive), len(train_data.unlabeled), n_p, n_u, config.train.seed,
+                                 config.train.steps_per_epoch, dist.rank, dist.world)
+    per_step = forwards_per_step(n_p, n_u, config.loss.consistency, config.loss.lambda_cons, config.data.mode)
     val_budget = validation_budget(sampler.steps_per_epoch, per_step, config.train.val_budget,
                                    config.train.val_max_patches)
     gen = torch.Generator(device=device).manual_seed(config.train.seed * 7919 + dist.rank)
     return Run(config, exp_dir, dist, device, dataset, prior, shift_px, channels_last,
                autocast_factory(config.train.amp and on_cuda), model, teacher, optimizer, train_data,
-               _on(validation_subset(dataset.val, val_budget), device), val_budget, sampler, gen)
+               _on(validation_subset(dataset.val, val_budget), device), val_budget, sampler, gen, held_out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +310,8 @@ def _train_in(config: TrainConfig, exp_dir: Path, resume: bool, quiet: bool) -> 
                       len(dataset.val.positive) + len(dataset.val.unlabeled), run.sampler,
                       config.train.epochs - state.epoch,
                       dict(shift_px=run.shift_px, prior=run.prior, autocast=run.autocast,
-                           channels_last=run.channels_last, device=run.device))
+                           channels_last=run.channels_last, device=run.device),
+                      sum(len(m["labels"]) for m in run.held_out) if config.data.mode == "dense" else None)
     interrupted = _run_epochs(run, state, log, quiet)
     if not interrupted:
         _finish(run, state, quiet)
@@ -343,10 +348,10 @@ def run_epoch(run: Run, state: TrainState, advance: Callable[[dict], None], stop
     sums: dict[str, float] = {}
     n_steps, t0, n_samples = 0, time.perf_counter(), 0
     run.ddp_model.train()
-    for step, (ip, iu) in enumerate(run.sampler.epoch(state.epoch)):
+    for step, (a, b) in enumerate(run.sampler.epoch(state.epoch)):
         if step < state.step_in_epoch:
             continue
-        logs, n = _train_step(run, state, step, ip, iu)
+        logs, n = _train_step(run, state, step, a, b)
         for k, v in logs.items():
             sums[k] = sums.get(k, 0.0) + v
         n_steps += 1
@@ -361,24 +366,33 @@ def run_epoch(run: Run, state: TrainState, advance: Callable[[dict], None], stop
     return row
 
 
-def _train_step(run: Run, state: TrainState, step: int, ip: torch.Tensor, iu: torch.Tensor) -> tuple[dict, int]:
-    """One optimisation step on positives ``ip`` and unlabeled ``iu``; (its logs, its number of samples)."""
-    data, device, config = run.train_data, run.device, run.config
-    xp = to_input(data.positive[ip.to(data.positive.device)].to(device), run.channels_last)
-    xu = to_input(data.unlabeled[iu.to(data.unlabeled.device)].to(device), run.channels_last)
+def _train_step(run: Run, state: TrainState, step: int, a: torch.Tensor, b: torch.Tensor) -> tuple[dict, int]:
+    """One optimisation step on the sampler's batch: positive and unlabeled patch indices, or (dense) crops and
+    their target maps; (its logs, its number of network inputs)."""
+    config = run.config
     lr = lr_at(state.global_step, run.total_steps, run.warmup_steps, config.optim.lr, config.optim.scheduler)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     epoch_f = state.epoch + step / run.sampler.steps_per_epoch
     run.rng_snapshot = rng_snapshot(run.gen)  # Ctrl-C mid-step rewinds to here, so resume is exact
-    views = make_views(xp, xu, config, run.shift_px, run.gen)
     teacher_model = run.teacher.module if run.teacher else run.model
-    loss, logs = step_loss(run.forward, teacher_model, views, config, run.prior, epoch_f, run.autocast)
+    if config.data.mode == "dense":
+        crops = to_input(a.to(run.device), run.channels_last)
+        loss, logs = dense_step_loss(run.forward, teacher_model, crops, b.to(run.device), config, run.prior,
+                                     epoch_f, run.autocast, run.gen)
+        n_inputs = len(crops)
+    else:
+        data = run.train_data
+        xp = to_input(data.positive[a.to(data.positive.device)].to(run.device), run.channels_last)
+        xu = to_input(data.unlabeled[b.to(data.unlabeled.device)].to(run.device), run.channels_last)
+        views = make_views(xp, xu, config, run.shift_px, run.gen)
+        loss, logs = step_loss(run.forward, teacher_model, views, config, run.prior, epoch_f, run.autocast)
+        n_inputs = len(xp) + len(xu)
     optimisation_step(loss, run.optimizer, run.teacher, run.model)
     state.step_in_epoch = step + 1
     state.global_step += 1
     logs["lr"] = lr
-    return logs, len(xp) + len(xu)
+    return logs, n_inputs
 
 
 def end_epoch(run: Run, state: TrainState, row: dict, log: MetricsLog, quiet: bool) -> bool:
@@ -387,8 +401,7 @@ def end_epoch(run: Run, state: TrainState, row: dict, log: MetricsLog, quiet: bo
     state.epoch, state.step_in_epoch = state.epoch + 1, 0
     stop = False
     if run.dist.main:
-        row.update(validate(run.eval_model, run.val_data, run.prior, run.shift_px * run.dataset.record.bin_factor,
-                            run.device, run.autocast, run.channels_last))
+        row.update(_validate(run))
         stop = _track_best(run, state, row)
         info(epoch_line(row, config.train.epochs, config.train.monitor, state.best, state.best_epoch), quiet)
         log.log(row)
@@ -400,12 +413,21 @@ def end_epoch(run: Run, state: TrainState, row: dict, log: MetricsLog, quiet: bo
     return stop
 
 
+def _validate(run: Run) -> dict:
+    """The epoch's held-out metrics: held-out labels' peaks (dense) or held-out micrographs' patches."""
+    if run.config.data.mode == "dense":
+        return held_out_metrics(run.eval_model, run.held_out, run.dataset.record, run.device, run.prior)
+    return validate(run.eval_model, run.val_data, run.prior, run.shift_px * run.dataset.record.bin_factor,
+                    run.device, run.autocast, run.channels_last)
+
+
 def _finish(run: Run, state: TrainState, quiet: bool) -> None:
     """After the last epoch: best.pt exists and holds pick's calibration; warn about a first-epoch best."""
     if run.dist.main and not run.best_path.exists() and run.last_path.exists():
         run.save(run.best_path, state, state.history[-1] if state.history else {})
     if run.dist.main and run.best_path.exists():
-        calibrate_best(run.best_path, run.config, run.device, quiet)
+        calibrate_best(run.best_path, run.config.data.data_dir, run.config.loss.expected_particles, run.device,
+                       quiet, run.held_out)
     warning = first_epoch_best_warning(state.best_epoch, state.epoch, run.config.train.monitor)
     validated = any("val_recall" in row for row in state.history)  # else "best" is the lowest training loss
     if run.dist.main and warning and validated:
@@ -461,22 +483,3 @@ def summary_lines(result: TrainResult, config: TrainConfig) -> list[str]:
                            result.exp_dir, best_row.get("val_recall"), best_row.get("val_recall90_score"))]
     return lines + next_steps_train(result.exp_dir / "checkpoints" / "best.pt",
                                     dataset_micrographs(config.data.data_dir))
-
-
-def calibrate_best(best_path: Path, config: TrainConfig, device: torch.device, quiet: bool) -> None:
-    """Store pick's calibration in best.pt (see cryopick.calibrate); a failure leaves the raw scores."""
-    from cryopick.calibrate_model import calibrate_checkpoint  # imports pick, which train does not need
-
-    try:
-        calibration = calibrate_checkpoint(best_path, config.data.data_dir, config.loss.expected_particles, device)
-    except CryopickError as exc:
-        warn(f"pick calibration failed: {exc}. pick will write uncalibrated scores; choose a threshold "
-             "(pick --expected-particles N prints the one giving N picks per micrograph) or retrain with "
-             "--expected-particles N")
-        return
-    info(f"pick calibration: {calibration.describe()}; p = 0.5 ↔ raw score "
-         f"{_fmt(calibration.raw_threshold(0.5))}", quiet)
-
-
-def _fmt(value: float | None) -> str:
-    return "never reached" if value is None else f"{value:.3g}"

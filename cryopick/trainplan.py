@@ -29,11 +29,12 @@ MIN_POSITIVES_FOR_THRESHOLD = 10  # fewer held-out positives: no score quantile 
 # validation budget
 
 
-def forwards_per_step(n_p: int, n_u: int, consistency: str, lambda_cons: float) -> int:
-    """Patches through the network in one training step: weak views, strong views and the teacher's views."""
+def forwards_per_step(n_p: int, n_u: int, consistency: str, lambda_cons: float, mode: str = "patches") -> int:
+    """Patches (or crops) through the network in one training step: weak, strong and the teacher's views."""
     views = n_p + n_u
     if consistency != "none" and lambda_cons > 0:
-        strong = n_u if consistency == "selective" else n_p + n_u
+        # a dense crop mixes labeled and unlabeled samples: every crop gets a strong view
+        strong = n_u if consistency == "selective" and mode != "dense" else n_p + n_u
         views += 2 * strong  # the student's strong view and the teacher's weak view of the same patches
     return views
 
@@ -142,6 +143,7 @@ class CostEstimate:
     val_available: int
     samples_per_s: float  # training patches per second (batch_size per step), measured
     val_patches_per_s: float  # held-out patches scored per second, measured
+    held_out_labels: int | None = None  # dense training: validation scores these held-out labels' micrographs
 
     @property
     def samples_per_epoch(self) -> int:
@@ -153,6 +155,8 @@ class CostEstimate:
 
     @property
     def val_seconds_per_epoch(self) -> float:
+        if self.held_out_labels is not None:
+            return 0.0  # dense validation picks the held-out labels' micrographs: not measured beforehand
         if self.val_patches == 0:
             return 0.0
         return self.val_patches / self.val_patches_per_s if self.val_patches_per_s > 0 else math.inf
@@ -166,16 +170,24 @@ class CostEstimate:
         return self.epochs * self.seconds_per_epoch
 
     def plan_line(self) -> str:
-        val = (f"{self.val_patches} held-out patches scored per epoch"
-               + (f" (of {self.val_available}; train.val_budget)" if self.val_patches < self.val_available else ""))
+        if self.held_out_labels is not None:
+            val = f"{self.held_out_labels} held-out labels (data.holdout_labels) judged by dense picking every epoch"
+            unit = "crops"
+        else:
+            val = (f"{self.val_patches} held-out patches scored per epoch"
+                   + (f" (of {self.val_available}; train.val_budget)" if self.val_patches < self.val_available
+                      else ""))
+            unit = "samples"
         return (f"training plan: {self.steps_per_epoch} steps/epoch × {self.epochs} epochs, "
-                f"{self.samples_per_epoch} samples/epoch; {val}")
+                f"{self.samples_per_epoch} {unit}/epoch; {val}")
 
     def cost_line(self) -> str:
         return (f"{self.backbone} on {self.device}: {self.steps_per_epoch} steps/epoch × {self.epochs} epochs, "
                 f"~{self.samples_per_s:.{0 if self.samples_per_s >= 10 else 1}f} samples/s → ~{format_duration(self.seconds_per_epoch)}/epoch, "
                 f"~{format_duration(self.total_seconds)} total "
-                f"(validation ~{format_duration(self.val_seconds_per_epoch)}/epoch; early stopping may end sooner)")
+                + ("(plus picking the held-out labels' micrographs each epoch; " if self.held_out_labels is not None
+                   else f"(validation ~{format_duration(self.val_seconds_per_epoch)}/epoch; ")
+                + "early stopping may end sooner)")
 
 
 def _fmt(value) -> str:
@@ -186,6 +198,14 @@ def epoch_line(row: dict, epochs: int, monitor: str, best_value: float, best_epo
     """One plain line: held-out recall and precision at 0.5, the score 90% of held-out particles reach, the best
     epoch so far."""
     head = f"epoch {row['epoch'] + 1}/{epochs}:"
+    if "val_n_peaks" in row:  # dense training: held-out labels among the peaks of their micrographs
+        parts = [head, f"held-out labels outscore {_fmt(row.get('val_auc_pu'))} of the other peaks "
+                       f"({row['val_n_positive']} labels, {row['val_n_peaks']} peaks), "
+                       f"recall {_fmt(row.get('val_recall'))} at raw p ≥ 0.5"]
+        if math.isfinite(best_value):
+            mark = " (this one)" if best_epoch == row["epoch"] else ""
+            parts.append(f"best so far: epoch {best_epoch + 1}{mark}, {monitor} {best_value:.3f}")
+        return "  ".join([parts[0], "; ".join(parts[1:])])
     if "val_recall" not in row:
         return f"{head} no held-out labeled micrograph, so no held-out metrics (best = lowest training loss)"
     precision = (f"precision {_fmt(row['val_true_precision'])} (true labels)" if "val_true_precision" in row

@@ -13,22 +13,41 @@ One step (defaults from the design document):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from cryopick.augment import strong_augment, weak_augment
+from cryopick.augment import GEOMETRIC_OPS, RANDAUGMENT_OPS, strong_augment, weak_augment
 from cryopick.config import TrainConfig
-from cryopick.data import SplitData
+from cryopick.data import PatchDataset, SplitData
 from cryopick.device import to_input
 from cryopick.ema import EMATeacher
 from cryopick.errors import CryopickError
-from cryopick.losses import consistency_loss, entropy_loss, nnpu_loss, ramp
+from cryopick.losses import consistency_loss, entropy_loss, nnpu_loss, prior_from_expected_particles, ramp
 from cryopick.progress import info
 from cryopick.trainplan import CostEstimate
-from cryopick.validation import predict
+from cryopick.validation import positive_radius_px, predict
+
+PATCH_PRIOR = 0.3  # the design document's π for the patch classifier
+
+
+def resolve_prior(config: TrainConfig, dataset: PatchDataset) -> float:
+    """π from ``loss.expected_particles`` (fraction of centres, or map samples, within the positive radius), else
+    ``loss.prior``, else 0 for dense training (the balanced positive-vs-unlabeled limit) and 0.3 for patches."""
+    if config.loss.expected_particles is not None:
+        if dataset.mean_binned_area <= 0:
+            raise CryopickError("the dataset does not record micrograph sizes; give loss.prior instead")
+        radius = positive_radius_px(config.data.max_shift, dataset.record)
+        return prior_from_expected_particles(config.loss.expected_particles, radius, dataset.mean_binned_area)
+    prior = config.loss.prior
+    if prior is None:
+        return 0.0 if config.data.mode == "dense" else PATCH_PRIOR
+    if not 0 <= prior < 1 or (prior == 0 and balanced_prior(config) is None):
+        raise CryopickError(f"loss.prior must be in (0, 1) (0 only with loss.balanced_prior), got {prior}")
+    return prior
 
 
 def lr_at(step: int, total: int, warmup: int, base: float, scheduler: str) -> float:
@@ -84,18 +103,27 @@ def step_loss(student, teacher_model, views: Views, config: TrainConfig, prior: 
     with autocast():
         logits = student(torch.cat(parts)).float()  # one forward: BatchNorm sees the whole batch
     lp, lu = logits[:n_p], logits[n_p:n_p + n_u]
-    pu = nnpu_loss(lp, lu, prior, beta=config.loss.nnpu_beta, gamma=config.loss.nnpu_gamma,
-                   defitting=config.loss.defitting, balanced_prior=config.loss.balanced_prior)
-    lam_c = config.loss.lambda_cons * ramp(epoch_f, *config.loss.cons_ramp_epochs)
-    lam_e = config.loss.lambda_ent * ramp(epoch_f, *config.loss.ent_ramp_epochs)
-    loss = pu.loss
-    zero = torch.zeros((), device=logits.device)
-    cons_value, mask_rate, pseudo_pos = zero, zero, zero
+    cons = None
     if views.strong is not None:
         weak_views = views.unl_weak if config.loss.consistency == "selective" else torch.cat(parts[:2])
         with torch.no_grad(), autocast():
             t_logits = teacher_model(weak_views).float()
         cons = consistency_loss(logits[n_p + n_u:], t_logits, config.loss.consistency_threshold)
+    return combine_losses(lp, lu, cons, config, prior, epoch_f)
+
+
+def combine_losses(lp: torch.Tensor, lu: torch.Tensor, cons, config: TrainConfig, prior: float,
+                   epoch_f: float) -> tuple[torch.Tensor, dict]:
+    """PU risk of positive/unlabeled logits + λ_cons·consistency (``cons``, or None) + λ_ent·entropy of the
+    unlabeled logits, with the epoch's ramps; and the values to log."""
+    pu = nnpu_loss(lp, lu, prior, beta=config.loss.nnpu_beta, gamma=config.loss.nnpu_gamma,
+                   defitting=config.loss.defitting, balanced_prior=balanced_prior(config))
+    lam_c = config.loss.lambda_cons * ramp(epoch_f, *config.loss.cons_ramp_epochs)
+    lam_e = config.loss.lambda_ent * ramp(epoch_f, *config.loss.ent_ramp_epochs)
+    loss = pu.loss
+    zero = torch.zeros((), device=lu.device)
+    cons_value, mask_rate, pseudo_pos = zero, zero, zero
+    if cons is not None:
         loss = loss + lam_c * cons.loss
         cons_value, mask_rate, pseudo_pos = cons.loss.detach(), cons.mask_rate, cons.pseudo_positive_rate
     ent = entropy_loss(lu)
@@ -111,6 +139,48 @@ def step_loss(student, teacher_model, views: Views, config: TrainConfig, prior: 
     return loss, logs
 
 
+PHOTOMETRIC_OPS = tuple(op for op in RANDAUGMENT_OPS if op not in GEOMETRIC_OPS)
+
+
+def balanced_prior(config: TrainConfig) -> float | None:
+    """π' of the PU risk: ``loss.balanced_prior``, else 0.5 for dense training and plain nnPU for patches."""
+    if config.loss.balanced_prior is not None:
+        return config.loss.balanced_prior
+    return 0.5 if config.data.mode == "dense" else None
+
+
+def aligned_strong_view(crops: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """The strong view of dense training: photometric RandAugment, contrast, noise and cutout, no warp and no
+    mixup, so its map samples lie where the weak view's do and the teacher's pseudo-labels apply sample by
+    sample."""
+    aug = dataclasses.replace(config.augment, rotate_degrees=0.0, rot90=False, flips=False)
+    return strong_augment(crops, aug, 0.0, generator=gen, mix=False, ops=PHOTOMETRIC_OPS)
+
+
+def dense_step_loss(student, teacher_model, crops: torch.Tensor, targets: torch.Tensor, config: TrainConfig,
+                    prior: float, epoch_f: float, autocast, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Loss of one batch of crops whose map samples are PU samples (targets: True = within a label's radius).
+
+    The same terms as ``step_loss``, sample by sample: the PU risk on the weak view's map; consistency of the
+    strong view's map with the EMA teacher's confident weak-view samples (``selective``: only unlabeled
+    samples, so a labeled particle never supervises a strong view; ``all``: every sample); entropy on the
+    unlabeled samples.
+    """
+    n, mode = len(crops), config.loss.consistency
+    strong = mode != "none" and config.loss.lambda_cons > 0
+    x = torch.cat([crops, aligned_strong_view(crops, config, gen)]) if strong else crops
+    with autocast():
+        maps = student(x, dense=True).float()  # one forward: BatchNorm sees both views
+    weak, unlabeled = maps[:n], ~targets
+    cons = None
+    if strong:
+        with torch.no_grad(), autocast():
+            t_maps = teacher_model(crops, dense=True).float()
+        keep = unlabeled if mode == "selective" else torch.ones_like(unlabeled)
+        cons = consistency_loss(maps[n:][keep], t_maps[keep], config.loss.consistency_threshold)
+    return combine_losses(weak[targets], weak[unlabeled], cons, config, prior, epoch_f)
+
+
 def optimisation_step(loss: torch.Tensor, optimizer, teacher, model) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -119,7 +189,7 @@ def optimisation_step(loss: torch.Tensor, optimizer, teacher, model) -> None:
         teacher.update(model)
 
 
-def measure_speed(model: torch.nn.Module, config: TrainConfig, data: SplitData, val: SplitData, n_p: int, n_u: int,
+def measure_speed(model: torch.nn.Module, config: TrainConfig, data: SplitData, val: SplitData, sampler,
                   shift_px: float, prior: float, autocast, channels_last: bool, device: torch.device,
                   steps: int = 2) -> tuple[float, float]:
     """(training samples/s, held-out patches/s), timed on real steps of a throwaway copy of the model after one
@@ -132,16 +202,23 @@ def measure_speed(model: torch.nn.Module, config: TrainConfig, data: SplitData, 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
         probe.train()
+        batches = sampler.epoch(0) if config.data.mode == "dense" else None
         elapsed = 0.0
         for i in range(steps + 1):
             sync()
             t0 = time.perf_counter()
-            ip, iu = torch.randint(len(data.positive), (n_p,)), torch.randint(len(data.unlabeled), (n_u,))
-            xp = to_input(data.positive[ip.to(data.positive.device)].to(device), channels_last)
-            xu = to_input(data.unlabeled[iu.to(data.unlabeled.device)].to(device), channels_last)
-            views = make_views(xp, xu, config, shift_px, gen)
-            loss, _ = step_loss(probe, teacher.module if teacher else probe, views, config, prior,
-                                config.train.epochs / 2, autocast)
+            teacher_model = teacher.module if teacher else probe
+            if config.data.mode == "dense":
+                crops, targets = next(batches)
+                loss, _ = dense_step_loss(probe, teacher_model, to_input(crops.to(device), channels_last),
+                                          targets.to(device), config, prior, config.train.epochs / 2, autocast, gen)
+            else:
+                ip = torch.randint(len(data.positive), (sampler.n_p,))
+                iu = torch.randint(len(data.unlabeled), (sampler.n_u,))
+                xp = to_input(data.positive[ip.to(data.positive.device)].to(device), channels_last)
+                xu = to_input(data.unlabeled[iu.to(data.unlabeled.device)].to(device), channels_last)
+                views = make_views(xp, xu, config, shift_px, gen)
+                loss, _ = step_loss(probe, teacher_model, views, config, prior, config.train.epochs / 2, autocast)
             optimisation_step(loss, optimizer, teacher, probe)
             sync()
             elapsed += (time.perf_counter() - t0) if i else 0.0  # step 0 warms up allocators and kernels
@@ -151,16 +228,16 @@ def measure_speed(model: torch.nn.Module, config: TrainConfig, data: SplitData, 
         predict(probe, patches, device, autocast, channels_last=channels_last)
         sync()
         val_elapsed = time.perf_counter() - t0
-    return steps * (n_p + n_u) / max(elapsed, 1e-9), len(patches) / max(val_elapsed, 1e-9)
+    return steps * (sampler.n_p + sampler.n_u) / max(elapsed, 1e-9), len(patches) / max(val_elapsed, 1e-9)
 
 
 def announce_cost(model, config: TrainConfig, data: SplitData, val: SplitData, val_available: int, sampler,
-                  epochs_left: int, measure_args: dict) -> CostEstimate:
+                  epochs_left: int, measure_args: dict, held_out_labels: int | None = None) -> CostEstimate:
     """Measure the speed and print the plan and cost lines before training starts."""
-    rate, val_rate = measure_speed(model, config, data, val, sampler.n_p, sampler.n_u, **measure_args)
+    rate, val_rate = measure_speed(model, config, data, val, sampler, **measure_args)
     est = CostEstimate(config.model.backbone, str(measure_args["device"]), sampler.steps_per_epoch, epochs_left,
                        sampler.n_p + sampler.n_u, len(val.positive) + len(val.unlabeled), val_available,
-                       rate, val_rate)
+                       rate, val_rate, held_out_labels)
     info(est.plan_line())
     info(f"[bold]{est.cost_line()}[/bold]")
     return est

@@ -81,7 +81,8 @@ def evaluate_patches(checkpoint: str | Path, data_dir: str | Path, split: str = 
     dev = resolve_device(device)
     model = model_from_checkpoint(ckpt).to(dev)
     cfg = ckpt["config"]
-    pi = prior if prior is not None else float(ckpt.get("training_state", {}).get("prior") or cfg["loss"]["prior"])
+    pi = prior if prior is not None else (ckpt.get("training_state") or {}).get("prior")
+    pi = float(pi if pi is not None else (cfg["loss"].get("prior") or 0.0))
     radius = positive_radius_px(cfg["data"]["max_shift"], dataset.record) * dataset.record.bin_factor
     metrics = validate(model, data, pi, radius, dev, autocast_factory(dev.type == "cuda"),
                        channels_last=False, threshold=threshold)

@@ -19,11 +19,14 @@ def test_label_recall_counts_unmatched_labels_as_never_picked():
     assert list(label_recall(np.array([0.9, 0.7, 0.6, 0.01]), LABELED, 4)) == [0.25, 0.5, 0.75, 0.75]
 
 
-def test_particle_count_is_the_smallest_peaks_over_recall_bound():
-    # t = 0.9: 1 peak / (1/4) = 4; t = 0.8: 2 / (2/4) = 4; t = 0.6: 4 / (3/4) = 5.33
-    assert estimate_particle_count(PEAKS, LABELED, 4, min_labels=1) == pytest.approx(4.0)
-    # with at least 3 labels kept only t = 0.6 is allowed
-    assert estimate_particle_count(PEAKS, LABELED, 4, min_labels=3) == pytest.approx(16 / 3)
+def test_particle_count_is_read_where_the_labels_reach_the_recall():
+    # recall 0.5 → 2 of 4 labels: t = 0.8, 2 peaks / (2/4) = 4; recall 0.75 → t = 0.6: 4 peaks / (3/4) = 16/3
+    assert estimate_particle_count(PEAKS, LABELED, 4, recall=0.5) == pytest.approx(4.0)
+    assert estimate_particle_count(PEAKS, LABELED, 4, recall=0.75) == pytest.approx(16 / 3)
+    # the default 0.8 needs 4 labels, only 3 were picked: the lowest matched label (t = 0.6) is used
+    assert estimate_particle_count(PEAKS, LABELED, 4) == pytest.approx(16 / 3)
+    # every threshold bounds the count from above: the estimate is one of those bounds
+    assert estimate_particle_count(PEAKS, LABELED, 4, recall=0.25) == pytest.approx(4.0)
 
 
 def test_posterior_is_the_slope_of_the_concave_majorant():
@@ -34,7 +37,7 @@ def test_posterior_is_the_slope_of_the_concave_majorant():
     assert knots == pytest.approx(expected_knots)
     assert list(values) == [0.0, 0.5, 1.0]
     estimated = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True)
-    assert estimated.particles_per_micrograph == pytest.approx(8 / 3)  # fewer than MIN_LABELS: all 3 labels
+    assert estimated.particles_per_micrograph == pytest.approx(8 / 3)  # (16/3) / 2 micrographs
     cal = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True, expected_particles=2)
     z = logit(0.7)
     assert cal.apply(np.array([0.7]))[0] == pytest.approx(0.5 + 0.5 * (z - knots[1]) / (knots[2] - knots[1]), abs=0.01)
@@ -50,6 +53,38 @@ def test_given_count_replaces_the_estimate():
     assert "your count" in cal.describe() and "optimistic" in cal.describe()
 
 
+def test_known_particles_are_added_to_the_count_but_not_to_the_posterior():
+    """Dense training leaves the training labels' peaks out (``n_known`` of them): the count adds them back;
+    a given count is shared between them and the other peaks, whose posterior uses the rest."""
+    base = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True)
+    known = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True, n_known=6)
+    assert known.particles_per_micrograph == pytest.approx(base.particles_per_micrograph + 3)
+    assert known.knots == base.knots and known.values == base.values
+    given = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True, expected_particles=5, n_known=6)
+    other = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True, expected_particles=2)
+    assert given.particles_per_micrograph == 5 and given.values == other.values  # 2·5 − 6 = 4 = 2·2 others
+
+
+def test_mixture_ignores_that_labels_are_the_clearest_particles():
+    """Labels drawn from the best-scoring half of the particles: their recall over-states everyone's and the
+    label estimate under-counts by about half; the mixture of the peaks' logits does not."""
+    from cryopick.calibrate import mixture_posterior
+
+    rng = np.random.default_rng(1)
+    z_p, z_n = rng.normal(3.0, 1.5, 300), rng.normal(-3.0, 2.0, 2000)
+    peaks = expit(np.concatenate([z_p, z_n]))
+    labels = expit(rng.choice(np.sort(z_p)[150:], 30, replace=False))
+    assert estimate_particle_count(peaks, labels, 30) < 200
+    knots, values, n = mixture_posterior(peaks, labels)
+    assert 270 < n < 330 and np.all(np.diff(values) >= 0) and np.all(np.diff(knots) > 0)
+    assert np.interp(3.0, knots, values) > 0.9 and np.interp(-3.0, knots, values) < 0.05
+    # labels in the lower component (a model that ranks junk above them): no mixture, the labels decide
+    assert mixture_posterior(peaks, expit(rng.normal(-3.0, 1.0, 30))) is None
+    # one population (a weak model: particles inside the background's spread): no mixture either
+    flat = expit(np.concatenate([rng.normal(0.5, 2.0, 300), rng.normal(0.0, 2.0, 2000)]))
+    assert mixture_posterior(flat, flat[:30]) is None
+
+
 def test_synthetic_mixture_recovers_count_and_posterior():
     rng = np.random.default_rng(0)
     n_particles, n_other = 400, 3000
@@ -59,6 +94,7 @@ def test_synthetic_mixture_recovers_count_and_posterior():
     n = estimate_particle_count(peaks, labels, 80)
     assert 0.85 * n_particles < n < 1.2 * n_particles
     cal = fit_calibration(peaks, labels, 80, n_micrographs=4, held_out=True)
+    assert cal.method == "mixture" and cal.particles_per_micrograph * 4 == pytest.approx(n_particles, rel=0.1)
     # true posterior: equal-variance Gaussians → logit P = log(400/3000) + 4z
     for z in (-1.0, 0.0, 1.0):
         true = expit(math.log(n_particles / n_other) + 4 * z)
@@ -103,14 +139,19 @@ def test_train_stores_a_calibration_that_pick_applies(trained, tmp_path):
     from cryopick.calibrate_model import calibration_micrographs
     from cryopick.checkpoint import load_checkpoint
     from cryopick.config import PickConfig
+    from cryopick.crops import hold_out_labels
+    from cryopick.dataset import load_labeled_micrographs
     from cryopick.io.outputs import read_coordinate_star
     from cryopick.pick import pick
 
-    mics, held_out = calibration_micrographs(trained / "ds")
+    mics, held_out = calibration_micrographs(trained / "ds")  # patch mode's calibration set: the val split
     assert held_out and [m["split"] for m in mics] == ["val"]
     best = trained / "exp" / "run" / "checkpoints" / "best.pt"
     cal = Calibration.from_dict(load_checkpoint(best)["calibration"])
-    assert cal.held_out and cal.n_micrographs == 1 and cal.n_labels == len(mics[0]["labels"])
+    # dense training (the default) calibrates on the labels it held out of every labeled micrograph
+    _, held = hold_out_labels([m for m in load_labeled_micrographs(trained / "ds") if len(m["labels"])], 0.2, 0)
+    assert cal.held_out and cal.n_micrographs == len(held) >= 1
+    assert cal.n_labels == sum(len(m["labels"]) for m in held)
     raw_dir, cal_dir = tmp_path / "raw", tmp_path / "cal"
     ckpt = load_checkpoint(best)
     del ckpt["calibration"]
@@ -144,9 +185,9 @@ def test_an_old_dataset_asks_for_a_new_extract(trained, tmp_path):
 def test_estimated_best_f1_threshold_by_hand():
     from cryopick.calibrate import estimated_best_f1
 
-    # N = 4: F1(k) = 2·4·R_k / (k + 4) = 8·[¼, ½, ½, ¾, ¾…]/(k + 4) → 0.4, 0.667, 0.571, 0.75, 0.667, …
-    threshold, f1 = estimated_best_f1(PEAKS, LABELED, 4, 4.0)
-    assert threshold == 0.6 and f1 == pytest.approx(0.75)
+    # posterior 1, 1, ½, ½, 0…, N = 3: TP = 1, 2, 2.5, 3, 3 → F1 = 2·TP/(k + 3) = 0.5, 0.8, 0.833, 0.857, 0.75
+    posterior = np.array([1.0, 1.0, 0.5, 0.5] + [0.0] * 6)
+    threshold, f1 = estimated_best_f1(PEAKS, posterior, 3.0)
+    assert threshold == 0.6 and f1 == pytest.approx(6 / 7)
     cal = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True, expected_particles=2)
-    assert cal.best_f1_threshold == pytest.approx(cal.apply(np.array([0.6]))[0])
-    assert "best F1 0.75" in cal.describe()
+    assert f"best F1 {cal.best_f1_estimate:.2f}" in cal.describe() and 0 < cal.best_f1_threshold <= 1

@@ -56,7 +56,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 def test_train_print_config_shows_design_defaults():
     result = runner.invoke(app, ["train", "--print-config"])
     assert result.exit_code == 0
-    assert "consistency_threshold: 0.95" in result.stdout and "prior: 0.3" in result.stdout
+    assert "consistency_threshold: 0.95" in result.stdout and "mode: dense" in result.stdout
 
 
 def test_train_rejects_unknown_consistency(tmp_path):

@@ -12,7 +12,9 @@ def test_shipped_config_equals_dataclass_defaults():
 
 def test_design_defaults():
     c = TrainConfig()
-    assert (c.loss.prior, c.loss.consistency_threshold, c.loss.lambda_cons, c.loss.lambda_ent) == (0.3, 0.95, 1.0, 0.01)
+    # π: none given, so 0.3 for the design's patch classifier and 0 for dense training (trainstep.resolve_prior)
+    assert (c.loss.prior, c.loss.consistency_threshold, c.loss.lambda_cons, c.loss.lambda_ent) == (None, 0.95, 1.0, 0.01)
+    assert (c.data.mode, c.data.holdout_labels) == ("dense", 0.2)
     assert c.loss.cons_ramp_epochs == [0.0, 10.0] and c.loss.ent_ramp_epochs == [10.0, 20.0]
     assert (c.model.ema_decay, c.data.batch_size, c.data.batch_ratio) == (0.999, 32, [1, 4])
 

@@ -234,3 +234,16 @@ def test_balanced_prior_reweights_both_risks_by_hand():
     assert float(out.loss) == pytest.approx(0.455171, abs=1e-6)
     plain = nnpu_loss(torch.tensor([0.0, 2.0]), torch.tensor([0.0, -1.0, 1.0]), 0.3)
     assert float(plain.positive_risk) == pytest.approx(0.3 * 0.410038, abs=1e-6)
+
+
+def test_balanced_prior_with_zero_prior_is_balanced_p_vs_u_by_hand():
+    """π = 0 with π' = 0.5 (dense training without a count): 0.5·R_p^+ + 0.5·R_u^-, never clamped.
+
+    Same logits as above: 0.5·0.410038 + 0.5·0.773224 = 0.205019 + 0.386612 = 0.591631.
+    """
+    out = nnpu_loss(torch.tensor([0.0, 2.0]), torch.tensor([0.0, -1.0, 1.0]), 0.0, balanced_prior=0.5)
+    assert float(out.positive_risk) == pytest.approx(0.205019, abs=1e-6)
+    assert float(out.negative_risk) == pytest.approx(0.386612, abs=1e-6)
+    assert float(out.loss) == pytest.approx(0.591631, abs=1e-6) and not out.defitting
+    with pytest.raises(CryopickError, match="prior"):
+        nnpu_loss(torch.tensor([0.0]), torch.tensor([0.0]), 0.0)  # plain nnPU needs π > 0

@@ -12,8 +12,8 @@ from cryopick.config import TrainConfig, resolve
 from cryopick.data import PUBatchSampler, batch_composition
 from cryopick.dataset import load_dataset
 from cryopick.errors import CryopickError
-from cryopick.train import resolve_prior, train
-from cryopick.trainstep import lr_at
+from cryopick.train import train
+from cryopick.trainstep import lr_at, resolve_prior
 from cryopick.validation import positive_radius_px
 
 
@@ -62,25 +62,30 @@ def test_prior_from_expected_particles_uses_the_positive_radius(dataset_dir, tmp
     r = positive_radius_px(cfg.data.max_shift, ds.record)
     assert r == pytest.approx(0.125 * 80.0)  # max_shift × diameter (80 binned px)
     assert resolve_prior(cfg, ds) == pytest.approx(20 * math.pi * r**2 / (384 * 384))
-    assert resolve_prior(_config(dataset_dir, tmp_path), ds) == 0.3
+    assert resolve_prior(_config(dataset_dir, tmp_path), ds) == 0.0  # dense: balanced P vs U
+    assert resolve_prior(_config(dataset_dir, tmp_path, **{"data.mode": "patches"}), ds) == 0.3
 
 
-def test_training_lowers_the_loss_and_writes_everything(dataset_dir, tmp_path):
-    cfg = _config(dataset_dir, tmp_path, **{"train.epochs": 4})
+@pytest.mark.parametrize("mode", ["dense", "patches"])
+def test_training_lowers_the_loss_and_writes_everything(dataset_dir, tmp_path, mode):
+    cfg = _config(dataset_dir, tmp_path, **{"train.epochs": 4, "data.mode": mode})
     result = train(cfg, quiet=True)
     exp = tmp_path / "run"
     assert (exp / "config.yaml").exists() and (exp / "checkpoints" / "best.pt").exists()
     rows = list(csv.DictReader((exp / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
     for key in ("loss_pos", "loss_neg", "pu_loss", "consistency_loss", "entropy_loss", "mask_rate",
-                "pseudo_positive_rate", "lr", "samples_per_s", "val_auc_pu", "val_auc_pn", "val_true_auc"):
+                "pseudo_positive_rate", "lr", "samples_per_s", "val_auc_pu", "val_auc_pn", "val_recall") \
+            + (("val_n_peaks",) if mode == "dense" else ("val_true_auc",)):
         assert rows[-1][key] != "", key
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
     assert 0 <= float(rows[-1]["mask_rate"]) <= 1
     assert result.epochs_run == 4
 
     ckpt = load_checkpoint(exp / "checkpoints" / "last.pt")
-    assert ckpt["model_spec"]["backbone"] == "resnet8" and ckpt["config"]["loss"]["prior"] == 0.3
+    assert ckpt["model_spec"]["backbone"] == "resnet8" and ckpt["config"]["data"]["mode"] == mode
+    # no count given: dense training is the balanced P-vs-U limit (π = 0), patches use the design's π = 0.3
+    assert ckpt["training_state"]["prior"] == (0.0 if mode == "dense" else 0.3)
     assert preprocess_from_checkpoint(ckpt).diameter_A == 160.0
     model = model_from_checkpoint(ckpt)
     with torch.no_grad():
@@ -106,9 +111,10 @@ def _interrupt_at(monkeypatch, n_step):
     return lambda: monkeypatch.setattr(tr, "optimisation_step", real)
 
 
-def test_ctrl_c_mid_epoch_then_resume_matches_an_uninterrupted_run(dataset_dir, tmp_path, monkeypatch):
-    train(_config(dataset_dir, tmp_path / "a", **{"train.epochs": 2}), quiet=True)
-    cfg = _config(dataset_dir, tmp_path / "b", **{"train.epochs": 2})
+@pytest.mark.parametrize("mode", ["dense", "patches"])
+def test_ctrl_c_mid_epoch_then_resume_matches_an_uninterrupted_run(dataset_dir, tmp_path, monkeypatch, mode):
+    train(_config(dataset_dir, tmp_path / "a", **{"train.epochs": 2, "data.mode": mode}), quiet=True)
+    cfg = _config(dataset_dir, tmp_path / "b", **{"train.epochs": 2, "data.mode": mode})
     restore = _interrupt_at(monkeypatch, 5)  # 3 steps per epoch: the 2nd step of epoch 1
     result = train(cfg, quiet=True)
     assert result.interrupted
@@ -158,3 +164,34 @@ def test_torchrun_ddp_on_cpu_trains_with_the_same_command(dataset_dir, tmp_path)
     rows = list(csv.DictReader((tmp_path / "ddp" / "metrics.csv").open()))
     assert len(rows) == 1 and int(rows[0]["step"]) == 2  # 4 global batches, 2 per rank
     assert load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def test_dense_training_needs_the_labeled_micrographs(dataset_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset_dir, copy)
+    (copy / "labeled_micrographs.pt").unlink()  # as in a dataset from an older extract
+    with pytest.raises(CryopickError, match="extract again, or train with --mode patches"):
+        train(_config(copy, tmp_path / "out"), quiet=True)
+    assert train(_config(copy, tmp_path / "out", **{"data.mode": "patches", "train.epochs": 1}), quiet=True).epochs_run
+
+
+def test_dense_training_holds_out_labels_and_calibrates_on_them(dataset_dir, tmp_path):
+    """Every labeled micrograph trains (both splits); a fifth of each one's labels is held out, judged every
+    epoch and used by the calibration, which adds the training labels back to the particle count."""
+    result = train(_config(dataset_dir, tmp_path, **{"train.epochs": 2}), quiet=True)
+    row = result.history[-1]
+    from cryopick.crops import hold_out_labels
+    from cryopick.dataset import load_labeled_micrographs
+
+    mics = [m for m in load_labeled_micrographs(dataset_dir) if len(m["labels"])]
+    assert {m["split"] for m in mics} == {"train", "val"}
+    _, held = hold_out_labels(mics, 0.2, 0)
+    assert row["val_n_positive"] == sum(len(m["labels"]) for m in held) > 0
+    assert 0.0 <= row["val_auc_pu"] <= 1.0 and row["val_auc_pn"] == row["val_auc_pu"]  # π = 0
+    calibration = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt").get("calibration")
+    if calibration is not None:  # a model this short may not calibrate; then pick warns (tested elsewhere)
+        assert calibration["held_out"] and calibration["n_labels"] == row["val_n_positive"]
+        n_known = sum(len(m["exclude"]) for m in held)
+        assert calibration["particles_per_micrograph"] * len(held) >= n_known

@@ -120,27 +120,34 @@ def dataset_dir(tmp_path_factory):
     return small_dataset(tmp_path_factory.mktemp("planset"))
 
 
-def _config(dataset_dir, out):
+def _config(dataset_dir, out, mode="dense"):
     return resolve(TrainConfig, None, {
         "data.data_dir": str(dataset_dir), "train.output_root": str(out), "train.exp_name": "run",
-        "model.backbone": "resnet8", "train.epochs": 2, "train.steps_per_epoch": 3, "train.device": "cpu"})
+        "model.backbone": "resnet8", "train.epochs": 2, "train.steps_per_epoch": 3, "train.device": "cpu",
+        "data.mode": mode})
 
 
-def test_cost_line_is_printed_and_measuring_leaves_the_run_unchanged(dataset_dir, tmp_path, capsys):
-    quiet = train(_config(dataset_dir, tmp_path / "q"), quiet=True).history
-    result = train(_config(dataset_dir, tmp_path / "l"), quiet=False)
+@pytest.mark.parametrize("mode", ["dense", "patches"])
+def test_cost_line_is_printed_and_measuring_leaves_the_run_unchanged(dataset_dir, tmp_path, capsys, mode):
+    quiet = train(_config(dataset_dir, tmp_path / "q", mode), quiet=True).history
+    result = train(_config(dataset_dir, tmp_path / "l", mode), quiet=False)
     loud = result.history
     err = _plain(capsys.readouterr().err)
     # the timing steps run on a copy with its own random streams: the run itself is bit-identical
     assert [r["loss"] for r in quiet] == [r["loss"] for r in loud]
     assert [r["val_auc_pu"] for r in quiet] == [r["val_auc_pu"] for r in loud]
-    n_val = loud[0]["val_n_positive"] + loud[0]["val_n_unlabeled"]
-    assert f"training plan: 3 steps/epoch × 2 epochs, 96 samples/epoch; {n_val} held-out patches" in err
+    if mode == "dense":
+        plan = f"96 crops/epoch; {loud[0]['val_n_positive']} held-out labels (data.holdout_labels) judged by dense"
+        epoch = "held-out labels outscore"
+    else:
+        plan = f"96 samples/epoch; {loud[0]['val_n_positive'] + loud[0]['val_n_unlabeled']} held-out patches"
+        epoch = "held-out recall"
+    assert f"training plan: 3 steps/epoch × 2 epochs, {plan}" in err
     m = re.search(r"resnet8 on cpu: 3 steps/epoch × 2 epochs, ~([\d.]+) samples/s → ~(\d+) s/epoch, ~(\d+) s total", err)
     assert m, err  # below 10 samples/s (a loaded machine) the rate has one decimal
     rate, per_epoch, total = (float(v) for v in m.groups())
     assert rate > 0 and per_epoch >= 96 / rate * 0.5 and abs(total - 2 * per_epoch) <= 2
-    assert "epoch 1/2: held-out recall" in err and "epoch 2/2: held-out recall" in err
+    assert f"epoch 1/2: {epoch}" in err and f"epoch 2/2: {epoch}" in err
     summary, command, _ = summary_lines(result, _config(dataset_dir, tmp_path / "l"))
     assert summary.startswith(f"best auc_pn {result.best_metric:.4f} at epoch {result.best_epoch + 1} of 2; ")
     mics = dataset_dir.parent / "sim" / "micrographs.star"  # recorded by extract in the manifest
