@@ -17,11 +17,11 @@ from cryopick.calibrate import Calibration, fit_calibration
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.dataset import load_labeled_micrographs
 from cryopick.errors import CryopickError
-from cryopick.evaluate import match_picks
 from cryopick.fsutil import save_torch_atomic
 from cryopick.inference import DenseScorer
 from cryopick.metrics import pu_corrected_auc
 from cryopick.nms import candidate_picks
+from cryopick.pickmatch import match_picks
 from cryopick.progress import info, warn
 
 
@@ -58,6 +58,8 @@ def scored_peaks(model, micrographs: list[dict], pad: int, radius_px: float, dev
         peaks.append(score)
         matched.append(hit)
         n_labels += len(labels)
+    if not peaks:
+        return np.zeros(0), np.zeros(0, dtype=bool), 0
     return np.concatenate(peaks), np.concatenate(matched), n_labels
 
 

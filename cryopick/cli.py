@@ -160,14 +160,14 @@ def train(
                                            + default(TrainConfig, "model.backbone")),
     prior: Optional[float] = typer.Option(None, "--prior", help="Class prior π: fraction of unlabeled patch centres "
                                           "(dense: map samples) within the positive radius of a particle, 0 ≤ π < 1 "
-                                          "[default: 0 dense (balanced positive-vs-unlabeled, no count needed), 0.3 "
-                                          "patches]."),
+                                          "(default: 0 for dense, the balanced positive-vs-unlabeled risk that needs no "
+                                          "count; 0.3 for patches)."),
     expected_particles: Optional[float] = typer.Option(None, "--expected-particles", help="Particles per micrograph; "
                                                        "sets π from the positive radius and micrograph area."),
     balanced_prior: Optional[float] = typer.Option(None, "--balanced-prior", help="Imbalanced nnPU (Su et al. 2021): "
                                                    "weigh the risks as if the prior were this (e.g. 0.5) so rare "
-                                                   "particles reach probabilities above 0.5 [default: 0.5 dense, "
-                                                   "plain nnPU patches]."),
+                                                   "particles reach probabilities above 0.5 (default: 0.5 for dense, "
+                                                   "plain nnPU for patches)."),
     consistency: Optional[str] = typer.Option(None, "--consistency", help="selective (unlabeled only), all (standard "
                                               "FixMatch) or none (PU only)." + default(TrainConfig, "loss.consistency")),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", metavar="", help="EMA teacher (--no-ema: pseudo-labels "

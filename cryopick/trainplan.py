@@ -169,21 +169,24 @@ class CostEstimate:
     def total_seconds(self) -> float:
         return self.epochs * self.seconds_per_epoch
 
+    @property
+    def _unit(self) -> str:
+        return "crops" if self.held_out_labels is not None else "samples"
+
     def plan_line(self) -> str:
         if self.held_out_labels is not None:
             val = f"{self.held_out_labels} held-out labels (data.holdout_labels) judged by dense picking every epoch"
-            unit = "crops"
         else:
             val = (f"{self.val_patches} held-out patches scored per epoch"
                    + (f" (of {self.val_available}; train.val_budget)" if self.val_patches < self.val_available
                       else ""))
-            unit = "samples"
         return (f"training plan: {self.steps_per_epoch} steps/epoch × {self.epochs} epochs, "
-                f"{self.samples_per_epoch} {unit}/epoch; {val}")
+                f"{self.samples_per_epoch} {self._unit}/epoch; {val}")
 
     def cost_line(self) -> str:
         return (f"{self.backbone} on {self.device}: {self.steps_per_epoch} steps/epoch × {self.epochs} epochs, "
-                f"~{self.samples_per_s:.{0 if self.samples_per_s >= 10 else 1}f} samples/s → ~{format_duration(self.seconds_per_epoch)}/epoch, "
+                f"~{self.samples_per_s:.{0 if self.samples_per_s >= 10 else 1}f} {self._unit}/s → "
+                f"~{format_duration(self.seconds_per_epoch)}/epoch, "
                 f"~{format_duration(self.total_seconds)} total "
                 + ("(plus picking the held-out labels' micrographs each epoch; " if self.held_out_labels is not None
                    else f"(validation ~{format_duration(self.val_seconds_per_epoch)}/epoch; ")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -202,7 +203,7 @@ def measure_speed(model: torch.nn.Module, config: TrainConfig, data: SplitData, 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
         probe.train()
-        batches = sampler.epoch(0) if config.data.mode == "dense" else None
+        batches = (b for e in itertools.count() for b in sampler.epoch(e)) if config.data.mode == "dense" else None
         elapsed = 0.0
         for i in range(steps + 1):
             sync()

@@ -34,11 +34,11 @@ def test_demo_refuses_a_non_empty_directory(tmp_path):
 
 
 # The figures `cryopick demo` prints with its defaults (2 CPU cores, torch 2.13.0+cpu; README "What to expect").
-DEMO_FIGURES = {"precision": 0.598, "recall": 0.582, "f1": 0.590, "ap": 0.435}
+DEMO_FIGURES = {"precision": 0.951, "recall": 0.678, "f1": 0.792, "ap": 0.654}
 
 
 def test_demo_prints_the_figures_the_readme_shows(tmp_path):
-    # the full demo: ~80 s and ~150 CPU s on 2 free cores (benchmarks/RESULTS.md), run by default because
+    # the full demo: ~3–4 min on 2 free cores (benchmarks/RESULTS.md), run by default because
     # the README's figures are the first thing a user checks
     report, _ = run_demo(tmp_path / "demo", DemoSettings(device="cpu"), quiet=True)
     for key, value in DEMO_FIGURES.items():

@@ -156,7 +156,7 @@ def test_help_shows_defaults_flags_examples_and_install_hints():
     texts = {c: _plain(runner.invoke(app, [c, "--help"], env={"COLUMNS": "250"}).stdout)
              for c in ("simulate", "extract", "train", "pick", "evaluate", "demo")}
     train_help = texts["train"]
-    for needle in ("[default: resnet18]", "[default: 50]", "[default: 0.3]", "[default: selective]",
+    for needle in ("[default: resnet18]", "[default: 50]", "[default: dense]", "(default: 0 for dense", "[default: selective]",
                    "--amp", "--no-amp", "--no-ema"):
         assert needle in train_help, needle
     assert "[default: 0.5]" in texts["pick"] and "[default: 0.2]" in texts["extract"]

@@ -143,7 +143,8 @@ def test_cost_line_is_printed_and_measuring_leaves_the_run_unchanged(dataset_dir
         plan = f"96 samples/epoch; {loud[0]['val_n_positive'] + loud[0]['val_n_unlabeled']} held-out patches"
         epoch = "held-out recall"
     assert f"training plan: 3 steps/epoch × 2 epochs, {plan}" in err
-    m = re.search(r"resnet8 on cpu: 3 steps/epoch × 2 epochs, ~([\d.]+) samples/s → ~(\d+) s/epoch, ~(\d+) s total", err)
+    unit = "crops" if mode == "dense" else "samples"
+    m = re.search(rf"resnet8 on cpu: 3 steps/epoch × 2 epochs, ~([\d.]+) {unit}/s → ~(\d+) s/epoch, ~(\d+) s total", err)
     assert m, err  # below 10 samples/s (a loaded machine) the rate has one decimal
     rate, per_epoch, total = (float(v) for v in m.groups())
     assert rate > 0 and per_epoch >= 96 / rate * 0.5 and abs(total - 2 * per_epoch) <= 2
