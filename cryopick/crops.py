@@ -95,7 +95,12 @@ def dihedral(crop: torch.Tensor, labels: np.ndarray, code: int) -> tuple[torch.T
 
 
 class CropSampler:
-    """Batches of (crops ``(B, C, C)`` float16, targets ``(B, C/OS, C/OS)`` bool) from the crop sources.
+    """Batches of (crops ``(B, C + 2m, C + 2m)`` float16, targets ``(B, C/OS, C/OS)`` bool) from the crop sources.
+
+    With a ``margin`` m the network sees m px of micrograph around each C×C crop and its targets cover the
+    central C×C only (the map's central C/OS samples), so every trained sample has real context at least m px
+    beyond the crop: for backbones whose receptive field exceeds the patch, training then differs from pick
+    only in what lies further than m px outside the crop.
 
     The crops of an epoch depend only on (seed, epoch, rank), so a resumed run regenerates the same steps;
     under DDP each rank draws its own crops.
@@ -105,11 +110,13 @@ class CropSampler:
 
     def __init__(self, sources: list[CropSource], crop_size: int, stride: int, radius: float, n_p: int, n_u: int,
                  seed: int, steps_per_epoch: int | None = None, rank: int = 0, world: int = 1,
-                 coverage: float = 4.0, dihedral_augment: bool = True):
+                 coverage: float = 4.0, dihedral_augment: bool = True, margin: int = 0):
         if not sources:
             raise CryopickError("dense training needs labeled micrographs (none in the dataset's train split)")
-        if crop_size % stride or crop_size <= 0:
-            raise CryopickError(f"crop size {crop_size} must be a positive multiple of the output stride {stride}")
+        if crop_size % stride or crop_size <= 0 or margin % stride or margin < 0:
+            raise CryopickError(f"crop size {crop_size} and margin {margin} must be multiples of the output stride "
+                                f"{stride}")
+        self.margin = margin  # context around the crop fed to the network, outside the targets
         self.sources, self.size, self.stride, self.radius = sources, crop_size, stride, radius
         self.n_p, self.n_u = n_p, n_u  # crops centred near a label, crops placed uniformly
         self.seed, self.rank, self.world = seed, rank, world
@@ -135,35 +142,37 @@ class CropSampler:
         else:
             cx = rng.uniform(src.pad, width - src.pad)
             cy = rng.uniform(src.pad, height - src.pad)
-        left = int(np.clip(round(cx - self.size / 2), 0, width - self.size))
-        top = int(np.clip(round(cy - self.size / 2), 0, height - self.size))
+        m = self.margin
+        left = int(np.clip(round(cx - self.size / 2), m, width - self.size - m))
+        top = int(np.clip(round(cy - self.size / 2), m, height - self.size - m))
         code = int(rng.integers(8)) if self.dihedral else 0
         return k, top, left, code
 
     def _cut(self, plan: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         crops, targets = [], []
+        m = self.margin
         for k, top, left, code in plan:
             src = self.sources[k]
-            crop = src.padded[top:top + self.size, left:left + self.size]
+            crop = src.padded[top - m:top + self.size + m, left - m:left + self.size + m]
             near = np.abs(src.labels - [left + self.size / 2, top + self.size / 2]).max(axis=1) \
                 <= self.size / 2 + self.radius
-            crop, labels = dihedral(crop, src.labels[near] - [left, top], code)
+            crop, labels = dihedral(crop, src.labels[near] - [left - m, top - m], code)  # about the big crop's centre
             crops.append(crop)
-            targets.append(torch.from_numpy(target_map(labels, self.size, self.stride, self.radius)))
+            targets.append(torch.from_numpy(target_map(labels - m, self.size, self.stride, self.radius)))
         return torch.stack(crops), torch.stack(targets)
 
 
 def dense_sampler(data_dir, crop_size: int, stride: int, radius: float, batch: tuple[int, int], config: TrainConfig,
-                  rank: int = 0, world: int = 1) -> tuple[CropSampler, list[dict]]:
+                  rank: int = 0, world: int = 1, margin: int = 0) -> tuple[CropSampler, list[dict]]:
     """The crop sampler over every labeled micrograph of the dataset (both of extract's splits: every
     micrograph's labels train) less the held-out labels, and those held-out labels (validation, calibration);
     a clear error when there is nothing to crop. ``batch``: (crops near a label, crops anywhere)."""
     mics = [m for m in load_labeled_micrographs(data_dir) if len(m["labels"])]
     training, held_out = hold_out_labels(mics, config.data.holdout_labels, config.train.seed)
-    sources = crop_sources(training, crop_size // 2)
+    sources = crop_sources(training, crop_size // 2 + margin)
     if not sources:
         raise CryopickError(f"{data_dir}: the dataset stores no labeled micrographs (datasets from extract before "
                             "dataset format 2 lack them): run extract again, or train with --mode patches")
     sampler = CropSampler(sources, crop_size, stride, radius, *batch, config.train.seed, config.train.steps_per_epoch,
-                          rank, world, dihedral_augment=config.augment.flips)
+                          rank, world, dihedral_augment=config.augment.flips, margin=margin)
     return sampler, held_out

@@ -172,14 +172,21 @@ def dense_step_loss(student, teacher_model, crops: torch.Tensor, targets: torch.
     x = torch.cat([crops, aligned_strong_view(crops, config, gen)]) if strong else crops
     with autocast():
         maps = student(x, dense=True).float()  # one forward: BatchNorm sees both views
+    maps = _central(maps, targets.shape[-1])  # a crop's context margin carries no targets
     weak, unlabeled = maps[:n], ~targets
     cons = None
     if strong:
         with torch.no_grad(), autocast():
-            t_maps = teacher_model(crops, dense=True).float()
+            t_maps = _central(teacher_model(crops, dense=True).float(), targets.shape[-1])
         keep = unlabeled if mode == "selective" else torch.ones_like(unlabeled)
         cons = consistency_loss(maps[n:][keep], t_maps[keep], config.loss.consistency_threshold)
     return combine_losses(weak[targets], weak[unlabeled], cons, config, prior, epoch_f)
+
+
+def _central(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """The central ``size`` × ``size`` samples of maps ``(N, H', W')``."""
+    top, left = (maps.shape[-2] - size) // 2, (maps.shape[-1] - size) // 2
+    return maps[..., top:top + size, left:left + size]
 
 
 def optimisation_step(loss: torch.Tensor, optimizer, teacher, model) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cryopick.crops import CropSampler, crop_sources, dihedral, hold_out_labels, target_map
 from cryopick.model import PatchClassifier
@@ -77,3 +80,43 @@ def test_crop_sampler_targets_are_where_the_model_map_samples_lie():
     with torch.no_grad():
         maps = model(crops.float()[:, None], dense=True)
     assert maps.shape == targets.shape
+
+
+@pytest.mark.parametrize("margin", [0, 16])
+def test_targets_mark_the_labels_inside_the_crop_whatever_the_margin_and_flip(margin):
+    """A micrograph that is 1 exactly at its labels: every positive target sample has a 1 within the radius of
+    its centre (crop px (m + 8j, m + 8i)), and every label inside the central crop lights a positive sample."""
+    image = torch.zeros(200, 300)
+    labels = torch.tensor([[50.0, 40.0], [150.0, 120.0], [250.0, 160.0], [120.0, 60.0]])
+    for x, y in labels.long():
+        image[y, x] = 1.0
+    mic = {"name": "m", "binned": image.half(), "scales": torch.tensor([1.0, 1.0], dtype=torch.float64),
+           "shape": torch.tensor([200, 300]), "labels": labels}
+    sampler = CropSampler(crop_sources([mic], pad=32 + margin), 64, 8, 5.0, n_p=6, n_u=6, seed=2, steps_per_epoch=2,
+                          margin=margin)
+    for crops, targets in sampler.epoch(0):
+        assert crops.shape[-1] == 64 + 2 * margin and targets.shape[-1] == 8
+        for crop, target in zip(crops.float(), targets):
+            ys, xs = torch.nonzero(crop == 1.0, as_tuple=True)
+            for i, j in torch.nonzero(target):
+                d = torch.hypot((xs - (margin + 8 * j)).float(), (ys - (margin + 8 * i)).float())
+                assert len(d) and d.min() <= 5.0
+            inside = (xs >= margin) & (xs <= margin + 56) & (ys >= margin) & (ys <= margin + 56)
+            assert int(target.sum()) >= int(inside.sum())  # each such label is ≤ 5.66 px from a sample
+
+
+def test_dense_step_uses_the_central_map_only():
+    from cryopick.config import TrainConfig
+    from cryopick.trainstep import dense_step_loss
+
+    cfg = TrainConfig()
+    cfg.loss.consistency = "none"
+    model = PatchClassifier("resnet8", 0.0)
+    crops = torch.randn(2, 1, 96, 96)
+    targets = torch.zeros(2, 8, 8, dtype=torch.bool)
+    targets[0, 4, 4] = True
+    _, logs = dense_step_loss(model, model, crops, targets, cfg, 0.0, 0.0, contextlib.nullcontext, torch.Generator())
+    maps = model(crops, dense=True)[:, 2:10, 2:10]  # 12×12 map of a 96-px crop; its central 8×8
+    # π = 0, π' = 0.5: half the positives' and half the unlabeled samples' mean BCE
+    expected = 0.5 * F.softplus(-maps[0, 4, 4]) + 0.5 * F.softplus(maps[targets.logical_not()]).mean()
+    assert float(logs["pu_loss"]) == pytest.approx(float(expected.detach()), abs=1e-5)
