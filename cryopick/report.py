@@ -23,7 +23,7 @@ def _q(path: str | Path) -> str:
 
 
 def holdout_warning(positives: dict, labeled_micrographs: dict) -> str | None:
-    """When validation holds out a large share of the labeled particles, say so with numbers and what to do.
+    """When validation holds out a large share of the labeled particles from patch training, say so with numbers.
 
     ``positives`` and ``labeled_micrographs`` map "train"/"val" to counts.
     """
@@ -33,9 +33,9 @@ def holdout_warning(positives: dict, labeled_micrographs: dict) -> str | None:
     mics_val = labeled_micrographs.get("val", 0)
     mics_total = mics_val + labeled_micrographs.get("train", 0)
     return (f"validation holds out {mics_val} of {mics_total} labeled micrographs: {n_val} of {total} labeled "
-            f"particles ({100 * n_val / total:.0f}%) will not train. Hand-pick more micrographs, or re-run extract "
-            "with --val-fraction 0 to train on every label (then no held-out metrics: the best checkpoint is the "
-            "lowest training loss).")
+            f"particles ({100 * n_val / total:.0f}%) will not train with train --mode patches (dense training, the "
+            "default, trains on every labeled micrograph and holds out a fifth of each one's labels instead). For "
+            "patches, hand-pick more micrographs or re-run extract with --val-fraction 0.")
 
 
 def next_steps_extract(data_dir: str | Path, cuda: bool) -> list[str]:

@@ -66,7 +66,8 @@ def test_pick_summary_prints_the_spread_and_next_steps(capsys):
 
 def test_holdout_warning_numbers():
     text = holdout_warning({"train": 41, "val": 41}, {"train": 1, "val": 1})
-    assert "1 of 2 labeled micrographs: 41 of 82 labeled particles (50%) will not train" in text
+    assert "1 of 2 labeled micrographs: 41 of 82 labeled particles (50%) will not train with train --mode patches" \
+        in text
     assert "--val-fraction 0" in text
     assert holdout_warning({"train": 80, "val": 20}, {"train": 8, "val": 2}) is None  # 20%: expected
     assert holdout_warning({"train": 0, "val": 0}, {}) is None
