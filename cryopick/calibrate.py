@@ -63,7 +63,7 @@ class Calibration:
         The posterior table is flat beyond its end knots; a weight of ``TIE_BREAK`` on the (clipped,
         rescaled) logit keeps the map strictly increasing, so the network's ranking (and AP) is kept.
         """
-        z = np.clip(_logit(np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, 1.0)), -LOGIT_CLIP, LOGIT_CLIP)
+        z = clipped_logit(probabilities)
         return (1 - TIE_BREAK) * np.interp(z, self.knots, self.values) + TIE_BREAK * self._rank(z)
 
     def _rank(self, z: np.ndarray) -> np.ndarray:
@@ -110,6 +110,12 @@ class Calibration:
         return text
 
 
+def clipped_logit(probabilities) -> np.ndarray:
+    """Logits of probabilities in [0, 1], float64, clipped to ±``LOGIT_CLIP``."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, 1.0)
+    return np.clip(_logit(p), -LOGIT_CLIP, LOGIT_CLIP)
+
+
 def label_recall(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels: int) -> np.ndarray:
     """R at each peak's score: the fraction of all ``n_labels`` labels whose peak scores at least as high."""
     ordered = np.sort(np.asarray(label_scores, dtype=np.float64))
@@ -153,7 +159,7 @@ def posterior_table(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels:
     cumulative = np.concatenate([[0.0], n_particles * label_recall(peaks, label_scores, n_labels)])
     hull = _concave_majorant(np.arange(len(cumulative), dtype=np.float64), cumulative)
     slopes = np.clip(np.diff(hull), 0.0, 1.0)  # slope of segment k-1 → k belongs to peak k
-    z = np.clip(_logit(np.clip(peaks, 0.0, 1.0)), -LOGIT_CLIP, LOGIT_CLIP)
+    z = clipped_logit(peaks)
     # one knot per run of equal slope, at the run's median logit: a compact, monotone table
     breaks = np.flatnonzero(np.diff(slopes) != 0) + 1
     knots, values = [], []
@@ -209,14 +215,14 @@ def fit_calibration(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels:
             n_total, given = estimate_particle_count(peaks, labels, n_labels), False
         knots, values = posterior_table(peaks, labels, n_labels, n_total)
         method = "labels"
-    z = np.clip(_logit(np.clip(peaks, 0.0, 1.0)), -LOGIT_CLIP, LOGIT_CLIP)
+    z = clipped_logit(peaks)
     quantiles = np.unique(np.quantile(z, np.linspace(0, 1, N_QUANTILES)))
     calibration = Calibration(tuple(float(v) for v in knots), tuple(float(v) for v in values),
                               float((n_total + n_known) / n_micrographs), int(n_micrographs), len(peaks),
                               int(n_labels), len(labels), bool(held_out), given,
                               tuple(float(v) for v in quantiles), method=method)
-    posterior = np.interp(np.sort(z)[::-1], knots, values)
-    raw_threshold, f1 = estimated_best_f1(np.sort(peaks)[::-1], posterior, n_total)
+    order = np.argsort(peaks)[::-1]
+    raw_threshold, f1 = estimated_best_f1(peaks[order], np.interp(z[order], knots, values), n_total)
     return replace(calibration, best_f1_threshold=float(calibration.apply(np.array([raw_threshold]))[0]),
                    best_f1_estimate=f1)
 
@@ -263,8 +269,7 @@ def mixture_posterior(peak_scores: np.ndarray, label_scores: np.ndarray,
     component is the particles, its weight × #peaks their number, its responsibility (made non-decreasing
     in the logit) P(particle | score). The labels only confirm which component is the particles.
     """
-    z = np.clip(_logit(np.clip(np.asarray(peak_scores, dtype=np.float64), 0.0, 1.0)), -LOGIT_CLIP, LOGIT_CLIP)
-    z_labels = np.clip(_logit(np.clip(np.asarray(label_scores, dtype=np.float64), 0.0, 1.0)), -LOGIT_CLIP, LOGIT_CLIP)
+    z, z_labels = clipped_logit(peak_scores), clipped_logit(label_scores)
     if len(z) < MIN_MIXTURE_PEAKS or len(z_labels) == 0:
         return None
     w, mu, sd = fit_two_gaussians(z)

@@ -36,7 +36,7 @@ from cryopick.metrics import (
     precision_recall_curve,
     ratio,
 )
-from cryopick.pickmatch import MATCH_METHODS, as_xy, check_matching, match_picks  # noqa: F401  (re-exported)
+from cryopick.pickmatch import check_matching, match_picks
 
 RESULT_COLUMNS = ["name", "n_picks", "n_truth", "n_matched", "precision", "recall", "f1", "ap"]
 

@@ -220,8 +220,9 @@ def build_run(config: TrainConfig, exp_dir: Path, quiet: bool) -> Run:
     model = to_channels_last(model, channels_last)
     teacher = EMATeacher(model, config.model.ema_decay) if config.model.use_ema else None
     optimizer = make_optimizer(model, config)
-    train_data = select_unlabeled(dataset.train, config, quiet or not dist.main)
-    train_data = _on(train_data, device)
+    train_data = dataset.train  # dense training cuts its own crops: the patches are not trained on, nor moved
+    if config.data.mode == "patches":
+        train_data = _on(select_unlabeled(dataset.train, config, quiet or not dist.main), device)
     n_p, n_u = batch_composition(config.data.batch_size, config.data.batch_ratio)
     if config.data.mode == "dense":
         sampler, held_out = dense_sampler(dataset.source, dataset.record.patch_size, model.output_stride, shift_px,

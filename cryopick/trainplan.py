@@ -198,29 +198,26 @@ def _fmt(value) -> str:
 
 
 def epoch_line(row: dict, epochs: int, monitor: str, best_value: float, best_epoch: int) -> str:
-    """One plain line: held-out recall and precision at 0.5, the score 90% of held-out particles reach, the best
-    epoch so far."""
+    """One plain line: held-out recall and precision at 0.5 (patches) or how the held-out labels' peaks rank
+    (dense), the score 90% of held-out particles reach, the best epoch so far."""
     head = f"epoch {row['epoch'] + 1}/{epochs}:"
     if "val_n_peaks" in row:  # dense training: held-out labels among the peaks of their micrographs
-        parts = [head, f"held-out labels outscore {_fmt(row.get('val_auc_pu'))} of the other peaks "
-                       f"({row['val_n_positive']} labels, {row['val_n_peaks']} peaks), "
-                       f"recall {_fmt(row.get('val_recall'))} at raw p ≥ 0.5"]
-        if math.isfinite(best_value):
-            mark = " (this one)" if best_epoch == row["epoch"] else ""
-            parts.append(f"best so far: epoch {best_epoch + 1}{mark}, {monitor} {best_value:.3f}")
-        return "  ".join([parts[0], "; ".join(parts[1:])])
-    if "val_recall" not in row:
+        parts = [f"held-out labels outscore {_fmt(row.get('val_auc_pu'))} of the other peaks "
+                 f"({row['val_n_positive']} labels, {row['val_n_peaks']} peaks), "
+                 f"recall {_fmt(row.get('val_recall'))} at raw p ≥ 0.5"]
+    elif "val_recall" not in row:
         return f"{head} no held-out labeled micrograph, so no held-out metrics (best = lowest training loss)"
-    precision = (f"precision {_fmt(row['val_true_precision'])} (true labels)" if "val_true_precision" in row
-                 else f"est. precision {_fmt(row.get('val_est_precision'))}")
-    parts = [head, f"held-out recall {_fmt(row['val_recall'])} of {row.get('val_n_positive')} labeled particles, "
-                   f"{precision} at p ≥ 0.5"]
-    if "val_recall90_score" in row:
-        parts.append(f"90% of them score ≥ {row['val_recall90_score']:.2f}")
+    else:
+        precision = (f"precision {_fmt(row['val_true_precision'])} (true labels)" if "val_true_precision" in row
+                     else f"est. precision {_fmt(row.get('val_est_precision'))}")
+        parts = [f"held-out recall {_fmt(row['val_recall'])} of {row.get('val_n_positive')} labeled particles, "
+                 f"{precision} at p ≥ 0.5"]
+        if "val_recall90_score" in row:
+            parts.append(f"90% of them score ≥ {row['val_recall90_score']:.2f}")
     if math.isfinite(best_value):
         mark = " (this one)" if best_epoch == row["epoch"] else ""
         parts.append(f"best so far: epoch {best_epoch + 1}{mark}, {monitor} {best_value:.3f}")
-    return "  ".join([parts[0], "; ".join(parts[1:])])
+    return "  ".join([head, "; ".join(parts)])
 
 
 def first_epoch_best_warning(best_epoch: int, epochs_run: int, monitor: str) -> str | None:
