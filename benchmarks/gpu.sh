@@ -34,6 +34,9 @@ te=$(date +%s)
 timeout 60 python3 -m cryopick pick "$R/sim/micrographs.star" --model "$R/exp/gpu/checkpoints/best.pt" --out "$R/picks" \
   --device cuda -q 2>&1 | tail -3
 python3 -m cryopick evaluate "$R/picks" --truth "$R/sim/truth" --radius-px 40 --json "$R/eval.json" -q | tee "$W/eval.txt"
+# 4. the trained resnet18: pick's dense map vs window-by-window scoring (128-px patches and the trained context)   [~1 min]
+timeout 120 python3 benchmarks/dense_vs_windows.py --model "$R/exp/gpu/checkpoints/best.pt" \
+  --micrographs "$R/sim/micrographs.star" --truth "$R/sim/truth" --limit 1 --device cuda 2>&1 | tee "$W/windows.txt"
 
 echo
 echo "==================== cryopick GPU check ($(cat "$W/gpu.txt"), $(date -u +%F)) ===================="
@@ -43,4 +46,6 @@ printf '%-44s\n' "pick (4096² bin 4, resnet18):"
 grep -E 'micrographs/s|ratio|peak' "$W/pick_speed.txt" | sed 's/^/    /'
 printf '%-44s %s s\n' "real run: train resnet18, 15 × 80 dense steps:" "$((te - ts))"
 printf '%-44s %s\n' "real run: evaluate vs truth:" "$(cat "$W/eval.txt")"
+printf '%-44s\n' "trained resnet18, dense vs window by window:"
+grep -E '^(dense|patch|trained|\|ΔAP)' "$W/windows.txt" | sed 's/^/    /'
 printf '%-44s %s s\n' "total wall time:" "$(( $(date +%s) - t0 ))"

@@ -4,11 +4,13 @@ After training, the final model scores labeled micrographs densely (the code pic
 NMS). Their peaks are a mixture: particles and everything else. The labeled particles' peaks show what a
 particle's score looks like (f_P; unmatched labels count as "never picked"), all peaks give the mixture f.
 
-- **Mixture** (first choice, without a count): two Gaussians fitted to the peaks' logits; the upper component
-  (where the held-out labels sit) is the particles, its weight the count, its responsibility the posterior
-  (``mixture_posterior``). Labels are the clearest particles, so their recall over-states everyone's; the
-  mixture uses them only to say which component is the particles.
-- Otherwise (a given count, or labels outside the upper component), from the labels:
+- **Mixture** (first choice): Gaussians fitted to the peaks' logits, one for the particles (the highest, where
+  the held-out labels sit) and one or two for everything else (BIC decides: background peaks are often
+  flat-topped, and one Gaussian's tail would swallow the particles' lower tail). The particles'
+  responsibility is the posterior, its sum over the peaks the count (``mixture_posterior``). A given count
+  keeps the mixture's likelihood ratio and moves its prior. Labels are the clearest particles, so their
+  recall over-states everyone's; the mixture uses them only to say which component is the particles.
+- Otherwise (fewer than 50 peaks, one population, or labels outside the particles' component), from the labels:
 - **Mixture proportion** α (particles per peak): above any threshold t there are at least as many peaks
   as particles, #peaks(≥ t) ≥ N·R(t), with R(t) the fraction of labels picked at ≥ t. So
   N ≤ #peaks(≥ t) / R(t) for every t, with equality where only particles score above t (Elkan–Noto/Scott
@@ -27,7 +29,9 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+from scipy.special import expit
 from scipy.special import logit as _logit
+from scipy.stats import norm
 
 from cryopick.errors import CryopickError
 
@@ -55,7 +59,8 @@ class Calibration:
     quantiles: tuple[float, ...] = ()  # logit quantiles of the calibration peaks (strictly increasing)
     best_f1_threshold: float | None = None  # calibrated score maximising the estimated F1 on these peaks
     best_f1_estimate: float | None = None  # that estimated F1 (against N particles)
-    method: str = "labels"  # mixture: two-component fit of the peaks' logits; labels: held-out label recall
+    method: str = "labels"  # mixture: Gaussian mixture of the peaks' logits; labels: held-out label recall
+    suggested_per_micrograph: float | None = None  # with a given count: the mixture's own estimate
 
     def apply(self, probabilities: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of raw probabilities σ(logit).
@@ -99,7 +104,9 @@ class Calibration:
         return cal
 
     def describe(self) -> str:
-        source = ("your count" if self.count_given else "estimated from the peak scores" if self.method == "mixture"
+        source = (f"your count; the peak scores suggest {self.suggested_per_micrograph:.1f}"
+                  if self.count_given and self.suggested_per_micrograph is not None else
+                  "your count" if self.count_given else "estimated from the peak scores" if self.method == "mixture"
                   else "estimated from the labels")
         where = "held-out" if self.held_out else "training (optimistic)"
         text = (f"{self.particles_per_micrograph:.1f} particles per micrograph ({source}; {self.n_labels_matched} of "
@@ -204,15 +211,17 @@ def fit_calibration(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels:
     if len(labels) == 0:
         raise CryopickError("no label was found among the peaks: cannot calibrate; give the count "
                             "(train --expected-particles N) or pick with your own --threshold")
-    mixture = mixture_posterior(peaks, labels) if expected_particles is None else None
+    given = expected_particles is not None
+    n_given = max(float(expected_particles) * n_micrographs - n_known, 1.0) if given else None
+    mixture = mixture_posterior(peaks, labels, n_given)
+    suggested = None
     if mixture is not None:
         knots, values, n_total = mixture
-        given, method = False, "mixture"
+        method = "mixture"
+        if given:  # what the peaks alone say, so a count far from it can be questioned
+            suggested = (mixture_posterior(peaks, labels)[2] + n_known) / n_micrographs
     else:
-        if expected_particles is not None:
-            n_total, given = max(float(expected_particles) * n_micrographs - n_known, 1.0), True
-        else:
-            n_total, given = estimate_particle_count(peaks, labels, n_labels), False
+        n_total = n_given if given else estimate_particle_count(peaks, labels, n_labels)
         knots, values = posterior_table(peaks, labels, n_labels, n_total)
         method = "labels"
     z = clipped_logit(peaks)
@@ -220,7 +229,7 @@ def fit_calibration(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels:
     calibration = Calibration(tuple(float(v) for v in knots), tuple(float(v) for v in values),
                               float((n_total + n_known) / n_micrographs), int(n_micrographs), len(peaks),
                               int(n_labels), len(labels), bool(held_out), given,
-                              tuple(float(v) for v in quantiles), method=method)
+                              tuple(float(v) for v in quantiles), method=method, suggested_per_micrograph=suggested)
     order = np.argsort(peaks)[::-1]
     raw_threshold, f1 = estimated_best_f1(peaks[order], np.interp(z[order], knots, values), n_total)
     return replace(calibration, best_f1_threshold=float(calibration.apply(np.array([raw_threshold]))[0]),
@@ -236,49 +245,124 @@ def estimated_best_f1(peaks_desc: np.ndarray, posterior_desc: np.ndarray, n_part
     return float(peaks_desc[best]), float(f1[best])
 
 
-def fit_two_gaussians(z: np.ndarray, iterations: int = 300) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(weights, means, standard deviations) of a two-component Gaussian mixture fitted to ``z`` by EM,
-    started deterministically at the lower quartile and the 95th percentile."""
+def fit_gaussians(z: np.ndarray, k: int, iterations: int = 300) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(weights, means, standard deviations, log-likelihood) of a ``k``-component Gaussian mixture fitted to
+    ``z`` by EM, means increasing, started deterministically at quantiles from the 15th to the 95th."""
     z = np.asarray(z, dtype=np.float64)
-    mu = np.quantile(z, [0.25, 0.95])
-    sd = np.full(2, max(z.std() / 2, 1e-3))
-    w = np.array([0.8, 0.2])
+    mu = np.quantile(z, np.linspace(0.15, 0.95, k))
+    sd = np.full(k, max(z.std() / k, 1e-3))
+    w = np.full(k, 1.0 / k)
     for _ in range(iterations):
         resp = _responsibilities(z, w, mu, sd)
         nk = resp.sum(axis=0) + 1e-12
         w, mu = nk / len(z), (resp * z[:, None]).sum(axis=0) / nk
         sd = np.sqrt((resp * (z[:, None] - mu) ** 2).sum(axis=0) / nk) + 1e-3
-    return w, mu, sd
+    order = np.argsort(mu)
+    w, mu, sd = w[order], mu[order], sd[order]
+    return w, mu, sd, float(_log_densities(z, w, mu, sd).sum())
+
+
+def _log_joint(z: np.ndarray, w: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    return norm.logpdf(z[:, None], mu, sd) + np.log(np.maximum(w, 1e-300))
+
+
+def _log_densities(z: np.ndarray, w: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    return np.logaddexp.reduce(_log_joint(z, w, mu, sd), axis=1)
 
 
 def _responsibilities(z: np.ndarray, w: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
-    log_p = -0.5 * ((z[:, None] - mu) / sd) ** 2 - np.log(sd) + np.log(np.maximum(w, 1e-300))
-    log_p -= log_p.max(axis=1, keepdims=True)
-    p = np.exp(log_p)
-    return p / p.sum(axis=1, keepdims=True)
+    log_p = _log_joint(z, w, mu, sd)
+    return np.exp(log_p - np.logaddexp.reduce(log_p, axis=1)[:, None])
 
 
-def mixture_posterior(peak_scores: np.ndarray, label_scores: np.ndarray,
-                      n_knots: int = 200) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """(knots, posterior, particles) from two Gaussians fitted to the peaks' logits, or None when they are not
-    two clear populations (Ashman's D < ``MIN_SEPARATION``, or an upper component holding most peaks) or the
-    held-out labels do not sit in the upper one (then the label-recall estimate is used).
+@dataclass(frozen=True)
+class Mixture:
+    """Gaussians on the peaks' logits, means increasing: the last is the particles, the others the rest."""
+
+    weights: np.ndarray
+    means: np.ndarray
+    sds: np.ndarray
+
+    def posterior(self, z: np.ndarray) -> np.ndarray:
+        """The particle (last) component's responsibility at logits ``z``."""
+        z = np.atleast_1d(np.asarray(z, dtype=np.float64))
+        return _responsibilities(z, self.weights, self.means, self.sds)[:, -1]
+
+    def log_odds(self, z: np.ndarray) -> np.ndarray:
+        """log P(particle, z) − log P(other, z)."""
+        joint = _log_joint(np.atleast_1d(np.asarray(z, dtype=np.float64)), self.weights, self.means, self.sds)
+        return joint[:, -1] - np.logaddexp.reduce(joint[:, :-1], axis=1)
+
+    @property
+    def separation(self) -> float:
+        """Ashman's D of the particles and the component below them: above 2, two populations."""
+        return float(math.sqrt(2) * (self.means[-1] - self.means[-2]) / math.hypot(self.sds[-1], self.sds[-2]))
+
+
+def fit_peak_mixture(z: np.ndarray, background_components: tuple[int, ...] = (1, 2)) -> Mixture:
+    """The particles as one Gaussian, everything else as one or two (``background_components``), whichever BIC
+    prefers.
+
+    The background's peaks are often flat-topped with a sharp upper edge; one Gaussian fitted to them
+    has too heavy an upper tail, which swallows the particles' lower tail and under-counts them. A second
+    background component follows that shape when the data ask for it (BIC), and costs nothing otherwise.
+    """
+    best = None
+    for k in (1 + b for b in background_components):
+        w, mu, sd, log_likelihood = fit_gaussians(z, k)
+        bic = (3 * k - 1) * math.log(len(z)) - 2 * log_likelihood
+        if best is None or bic < best[0]:
+            best = (bic, Mixture(w, mu, sd))
+    return best[1]
+
+
+def mixture_posterior(peak_scores: np.ndarray, label_scores: np.ndarray, n_particles: float | None = None,
+                      n_knots: int = 200, background_components: tuple[int, ...] = (1, 2),
+                      ) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(knots, posterior, particles) from the Gaussian mixture of the peaks' logits (``fit_peak_mixture``), or
+    None when its particles' component is not a population of its own (Ashman's D against the component
+    below < ``MIN_SEPARATION``, or more particles than half the peaks) or the held-out labels do not sit in
+    it (then the label-recall estimate is used).
 
     Labels are the particles users pick first, isolated and clear, so they score above the typical particle
     and their recall over-states everyone's; the mixture does not rely on them for the count: its upper
-    component is the particles, its weight × #peaks their number, its responsibility (made non-decreasing
-    in the logit) P(particle | score). The labels only confirm which component is the particles.
+    component is the particles, its responsibility (made non-decreasing in the logit) P(particle | score)
+    and the sum of that over the peaks their number. The labels only confirm which component is the
+    particles. ``n_particles``, when given, replaces the count: the mixture's likelihood ratio is kept and
+    its prior odds are scaled until the posteriors sum to it. ``background_components``: the numbers of
+    Gaussians for everything else that BIC chooses from.
     """
     z, z_labels = clipped_logit(peak_scores), clipped_logit(label_scores)
     if len(z) < MIN_MIXTURE_PEAKS or len(z_labels) == 0:
         return None
-    w, mu, sd = fit_two_gaussians(z)
-    upper = int(np.argmax(mu))
-    separation = math.sqrt(2) * abs(mu[1] - mu[0]) / math.sqrt(sd[0] ** 2 + sd[1] ** 2)  # Ashman's D
-    if separation < MIN_SEPARATION or w[upper] >= 0.5:
-        return None  # not two populations, or "particles" that outnumber everything else: not this model
-    if np.median(_responsibilities(z_labels, w, mu, sd)[:, upper]) < 0.5:
+    mixture = fit_peak_mixture(z, background_components)
+    if mixture.separation < MIN_SEPARATION or np.median(mixture.posterior(z_labels)) < 0.5:
         return None
     knots = np.linspace(z.min(), z.max(), n_knots)
-    values = np.maximum.accumulate(_responsibilities(knots, w, mu, sd)[:, upper])
-    return knots, values, float(w[upper] * len(z))
+    values = _monotone(mixture.posterior(knots))
+    count = float(np.interp(z, knots, values).sum())
+    if count >= 0.5 * len(z):
+        return None  # "particles" that outnumber everything else: not this model
+    if n_particles is not None:
+        values = _with_count(mixture, knots, z, n_particles)
+        count = float(n_particles)
+    return knots, values, count
+
+
+def _monotone(values: np.ndarray) -> np.ndarray:
+    return np.maximum.accumulate(np.clip(values, 0.0, 1.0))
+
+
+def _with_count(mixture: Mixture, knots: np.ndarray, z: np.ndarray, n_particles: float) -> np.ndarray:
+    """The mixture's posterior at ``knots`` with its prior odds scaled so the peaks' posteriors sum to
+    ``n_particles`` (Saerens et al. 2002: a new prior, the same likelihood ratio)."""
+    target = float(np.clip(n_particles, 0.0, len(z)))
+    log_odds = mixture.log_odds(z)
+    low, high = -60.0, 60.0
+    for _ in range(100):  # bisection: the summed posterior increases with the shift
+        shift = 0.5 * (low + high)
+        if expit(log_odds + shift).sum() < target:
+            low = shift
+        else:
+            high = shift
+    return _monotone(expit(mixture.log_odds(knots) + 0.5 * (low + high)))

@@ -138,3 +138,12 @@ def pu_corrected_auc(auc_pu: float, prior: float) -> float:
     if not (0.0 <= prior < 1.0):
         raise CryopickError(f"the class prior must lie in [0, 1), got {prior}")
     return (auc_pu - prior / 2.0) / (1.0 - prior)
+
+
+def auc_standard_error(auc: float, n_positive: int, n_negative: int) -> float:
+    """Standard error of an AUC from ``n_positive`` and ``n_negative`` scores (Hanley & McNeil 1982)."""
+    if n_positive <= 0 or n_negative <= 0:
+        return math.inf
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = (auc * (1 - auc) + (n_positive - 1) * (q1 - auc * auc) + (n_negative - 1) * (q2 - auc * auc))
+    return math.sqrt(max(variance, 0.0) / (n_positive * n_negative))

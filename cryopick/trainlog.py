@@ -16,7 +16,7 @@ METRIC_COLUMNS = [
     "val_auc_pu", "val_auc_pn", "val_precision", "val_recall", "val_f1",
     "val_true_auc", "val_true_precision", "val_true_recall", "val_true_f1", "prior",
     "val_n_positive", "val_n_unlabeled", "val_est_precision", "val_recall90_score", "val_patch_f1_threshold",
-    "val_patch_f1", "val_n_peaks",
+    "val_patch_f1", "val_n_peaks", "val_auc_pu_se", "val_auc_pn_se",
 ]
 
 

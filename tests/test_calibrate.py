@@ -102,6 +102,47 @@ def test_synthetic_mixture_recovers_count_and_posterior():
     assert np.all(np.diff(cal.apply(expit(np.linspace(-5, 5, 101)))) >= 0)
 
 
+def test_flat_topped_background_gets_a_second_component():
+    """Background peaks with a sharp upper edge: one Gaussian's tail swallows the particles; BIC adds a
+    second background component and the count comes back near the truth."""
+    from cryopick.calibrate import Mixture, fit_gaussians, fit_peak_mixture
+
+    rng = np.random.default_rng(3)
+    z_p = rng.normal(5.5, 1.5, 250)
+    z = np.concatenate([z_p, rng.uniform(-8, 2, 2000) + rng.normal(0, 0.5, 2000)])
+    one_background = Mixture(*fit_gaussians(z, 2)[:3]).posterior(z).sum()
+    mixture = fit_peak_mixture(z)
+    assert len(mixture.weights) == 3 and mixture.means[-1] == pytest.approx(5.5, abs=0.6)
+    assert 0.75 * 250 < mixture.posterior(z).sum() < 1.2 * 250
+    assert abs(one_background - 250) > 2 * abs(mixture.posterior(z).sum() - 250)
+    cal = fit_calibration(expit(z), expit(rng.choice(z_p, 30)), 30, n_micrographs=5, held_out=True)
+    assert cal.method == "mixture" and 0.75 * 50 < cal.particles_per_micrograph < 1.2 * 50
+
+
+def test_a_given_count_keeps_the_mixtures_likelihood_ratio():
+    """With the user's count the mixture's prior odds move until the peaks' posteriors sum to it."""
+    from cryopick.calibrate import fit_peak_mixture, mixture_posterior
+
+    rng = np.random.default_rng(4)
+    z_p = rng.normal(2.0, 1.0, 400)
+    z = np.concatenate([z_p, rng.normal(-2.0, 1.0, 3000)])
+    peaks, labels = expit(z), expit(rng.choice(z_p, 40))
+    estimated = mixture_posterior(peaks, labels)
+    knots, more, n = mixture_posterior(peaks, labels, n_particles=600.0)
+    _, fewer, _ = mixture_posterior(peaks, labels, n_particles=200.0)
+    assert n == 600.0 and np.interp(z, knots, more).sum() == pytest.approx(600, rel=0.02)
+    assert np.all(more >= fewer) and np.all(np.diff(more) >= 0)
+    assert len(fit_peak_mixture(z).weights) == 2  # Gaussian background: BIC keeps one component
+    # the log-odds shift is the same everywhere: a new prior, the same likelihood ratio
+    mid = (estimated[1] > 0.05) & (estimated[1] < 0.95) & (more > 0.05) & (more < 0.95)
+    shift = logit(more[mid]) - logit(estimated[1][mid])
+    assert np.ptp(shift) < 0.05 and shift.mean() > 0
+    given = fit_calibration(peaks, labels, 40, n_micrographs=4, held_out=True, expected_particles=150)
+    assert given.method == "mixture" and given.count_given and given.particles_per_micrograph == 150
+    assert given.suggested_per_micrograph == pytest.approx(100, rel=0.15)  # 400 particles on 4 micrographs
+    assert "your count; the peak scores suggest" in given.describe()
+
+
 def test_failures_say_what_to_do():
     with pytest.raises(CryopickError, match="expected-particles"):
         fit_calibration(PEAKS, np.zeros(0), 4, 1, True)

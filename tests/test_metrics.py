@@ -97,3 +97,13 @@ def _imported_by(module: str) -> set[str]:
 def test_evaluation_and_training_do_not_import_each_other():
     assert not {"cryopick.train", "cryopick.trainstep"} & _imported_by("cryopick.evaluate, cryopick.validation")
     assert "cryopick.evaluate" not in _imported_by("cryopick.train")
+
+
+def test_auc_standard_error_by_hand():
+    from cryopick.metrics import auc_standard_error
+
+    # Hanley–McNeil, A = 0.75, 2 positives, 3 negatives: Q1 = 0.6, Q2 = 0.642857;
+    # var = (0.1875 + 1·0.0375 + 2·0.080357) / 6 = 0.0642857
+    assert auc_standard_error(0.75, 2, 3) == pytest.approx(math.sqrt(0.0642857), rel=1e-5)
+    assert auc_standard_error(0.95, 10, 900) == pytest.approx(0.0482, abs=1e-3)  # a dense run's held-out labels
+    assert auc_standard_error(0.9, 0, 10) == math.inf

@@ -76,8 +76,10 @@ def test_training_lowers_the_loss_and_writes_everything(dataset_dir, tmp_path, m
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
     for key in ("loss_pos", "loss_neg", "pu_loss", "consistency_loss", "entropy_loss", "mask_rate",
                 "pseudo_positive_rate", "lr", "samples_per_s", "val_auc_pu", "val_auc_pn", "val_recall") \
-            + (("val_n_peaks",) if mode == "dense" else ("val_true_auc",)):
+            + (("val_n_peaks", "val_auc_pn_se") if mode == "dense" else ("val_true_auc",)):
         assert rows[-1][key] != "", key
+    if mode == "dense":  # the standard error of an AUC from a handful of held-out labels: a few hundredths
+        assert 0.005 < float(rows[-1]["val_auc_pn_se"]) < 0.3
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
     assert 0 <= float(rows[-1]["mask_rate"]) <= 1
     assert result.epochs_run == 4
@@ -209,3 +211,29 @@ def test_deep_backbones_train_with_context_around_each_crop(dataset_dir, tmp_pat
                                             "train.steps_per_epoch": 1})
     result = train(cfg, quiet=True)
     assert result.epochs_run == 1 and math.isfinite(result.history[0]["loss"])
+
+
+def _track(rows: list[dict]) -> tuple[list[int], int]:
+    """Epochs saved as best.pt by train's rule, and the epoch kept at the end."""
+    from types import SimpleNamespace
+
+    from cryopick.train import TrainState, _track_best
+
+    saved: list[int] = []
+    run = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(monitor="auc_pn", early_stopping_patience=5)),
+                          best_path="best.pt", save=lambda path, state, row: saved.append(row["epoch"]))
+    state = TrainState()
+    for row in rows:
+        _track_best(run, state, row)
+        state.history.append(row)
+    return saved, state.best_epoch
+
+
+def test_best_checkpoint_keeps_a_later_epoch_within_the_metrics_noise():
+    """With a standard error (dense training's held-out labels) a later epoch within it of the best is kept;
+    without one, only strict improvements count."""
+    values = [0.90, 0.96, 0.93, 0.85, 0.92]
+    noisy = [{"epoch": k, "val_auc_pn": v, "val_auc_pn_se": 0.05} for k, v in enumerate(values)]
+    assert _track(noisy) == ([0, 1, 2, 4], 4)  # 0.85 < 0.96 − 0.05: not kept
+    exact = [{"epoch": k, "val_auc_pn": v} for k, v in enumerate(values)]
+    assert _track(exact) == ([0, 1], 1)

@@ -1,0 +1,174 @@
+"""What the default threshold 0.5 is worth, calibration by calibration, on checkpoints already trained (prints a table).
+
+For each trained run, the calibration peaks are found as ``train`` finds them (its held-out labels on the
+labeled micrographs, training labels set aside), every micrograph is picked with raw scores, and F1 at
+calibrated 0.5 is scored against the full truth within D/2 for:
+
+- ``1 bg``: particles vs one background Gaussian (the calibration before 2026-11-29);
+- ``BIC``: one or two background Gaussians, whichever BIC prefers (shipped);
+- ``BIC, true count``: the same mixture given the true count (``train --expected-particles``);
+
+next to the best F1 over all thresholds, and the estimated particles per calibration set against the truth.
+Runs come from ``benchmarks/accuracy.py --out DIR`` work directories and ``cryopick demo`` directories:
+
+    python benchmarks/calibration.py --accuracy-dir /tmp/acc --demo-dir /tmp/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryopick.calibrate import (
+    clipped_logit,
+    estimate_particle_count,
+    fit_calibration,
+    mixture_posterior,
+    posterior_table,
+)
+from cryopick.calibrate_model import scored_peaks
+from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
+from cryopick.config import PickConfig
+from cryopick.crops import hold_out_labels
+from cryopick.dataset import load_labeled_micrographs
+from cryopick.fsutil import save_torch_atomic
+from cryopick.io.coords import read_coordinates
+from cryopick.pick import pick
+from cryopick.pickmatch import match_picks
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@dataclass
+class Run:
+    name: str
+    checkpoint: Path
+    dataset: Path
+    micrographs: Path
+    truth: Path
+    project: Path | None = None
+
+
+def accuracy_runs(work: Path) -> list[Run]:
+    """Every trained cryopick run of a ``benchmarks/accuracy.py`` work directory."""
+    runs = []
+    for ckpt in sorted(work.glob("*/cryopick/experiments/*/checkpoints/best.pt")):
+        case = ckpt.parents[4].name
+        data = work / "data" / case
+        star, project = data / "micrographs.star", None
+        if not star.exists():  # a shared dev set: its STAR names micrographs relative to the set
+            project = SHARED / case
+            star, data = project / "micrographs_ctf.star", project
+        runs.append(Run(f"{case} {ckpt.parents[1].name}", ckpt, work / case / "cryopick" / "dataset", star,
+                        data / "truth", project))
+    return runs
+
+
+def demo_run(demo: Path) -> Run:
+    return Run(f"demo {demo.name}", demo / "experiments" / "demo" / "checkpoints" / "best.pt", demo / "dataset",
+               demo / "sim" / "micrographs.star", demo / "sim" / "truth")
+
+
+def truth_by_name(truth: Path) -> dict[str, np.ndarray]:
+    return {Path(t.micrograph or t.source.stem).stem: t.coords[["x", "y"]].to_numpy() for t in read_coordinates(truth)}
+
+
+def raw_picks(run: Run, ckpt: dict, truth: dict[str, np.ndarray], radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """(raw probabilities, matched to truth) of every peak of every micrograph, picked without calibration."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = dict(ckpt)
+        raw.pop("calibration", None)
+        save_torch_atomic(Path(tmp) / "raw.pt", raw)
+        pick(str(run.micrographs), Path(tmp) / "raw.pt", Path(tmp) / "picks",
+             PickConfig(threshold=0.0, device="cpu", overwrite=True), quiet=True, project_dir=run.project)
+        scores, hits = [], []
+        for table in read_coordinates(Path(tmp) / "picks"):
+            stem = Path(table.micrograph or table.source.stem).stem
+            key = next(k for k in truth if stem.startswith(k))
+            xy, score = table.coords[["x", "y"]].to_numpy(), table.coords["score"].to_numpy()
+            scores.append(score)
+            hits.append(match_picks(xy, score, truth[key], radius))
+    return np.concatenate(scores), np.concatenate(hits)
+
+
+def f1_at_half(probability: np.ndarray, hits: np.ndarray, n_truth: int) -> float:
+    """F1 of the peaks whose calibrated probability is at least 0.5 (pick's default threshold)."""
+    kept = probability >= 0.5
+    return float(2 * hits[kept].sum() / (kept.sum() + n_truth))
+
+
+def best_f1(scores: np.ndarray, hits: np.ndarray, n_truth: int) -> float:
+    order = np.argsort(-scores)
+    return float((2 * np.cumsum(hits[order]) / (np.arange(1, len(order) + 1) + n_truth)).max())
+
+
+def evaluate_run(run: Run) -> dict:
+    ckpt = load_checkpoint(run.checkpoint)
+    record, model = preprocess_from_checkpoint(ckpt), model_from_checkpoint(ckpt)
+    config = ckpt.get("config", {})
+    fraction = config.get("data", {}).get("holdout_labels", 0.2)
+    seed = config.get("train", {}).get("seed", 0)
+    radius = record.diameter_A / 2 / record.pixel_size
+    truth = truth_by_name(run.truth)
+    mics = [m for m in load_labeled_micrographs(run.dataset) if len(m["labels"])]
+    _, held = hold_out_labels(mics, fraction, seed)
+    peaks, labeled, n_labels = scored_peaks(model, held, record.patch_size // 2, radius, torch.device("cpu"))
+    # the same peaks matched to the full truth: how many particles the calibration set really holds
+    truth_held = [{**m, "labels": torch.as_tensor(truth[Path(m["name"]).stem])} for m in held]
+    _, particles, _ = scored_peaks(model, truth_held, record.patch_size // 2, radius, torch.device("cpu"))
+    n_known = sum(len(m["exclude"]) for m in held)
+    scores, hits = raw_picks(run, ckpt, truth, radius)
+    n_truth = sum(len(v) for v in truth.values())
+
+    row = {"run": run.name, "best": best_f1(scores, hits, n_truth), "true": int(particles.sum())}
+    one = mixture_posterior(peaks, peaks[labeled], background_components=(1,))
+    if one is None:  # as before: the labels' recall decides
+        count = estimate_particle_count(peaks, peaks[labeled], n_labels)
+        one = (*posterior_table(peaks, peaks[labeled], n_labels, count), count)
+    knots, values, row["1 bg count"] = one
+    row["1 bg"] = f1_at_half(np.interp(clipped_logit(scores), knots, values), hits, n_truth)
+    shipped = fit_calibration(peaks, peaks[labeled], n_labels, len(held), True, None, n_known)
+    row["BIC"] = f1_at_half(shipped.apply(scores), hits, n_truth)
+    row["BIC count"] = shipped.particles_per_micrograph * len(held) - n_known
+    row["method"] = shipped.method
+    per_mic = (particles.sum() + n_known) / len(held)
+    given = fit_calibration(peaks, peaks[labeled], n_labels, len(held), True, per_mic, n_known)
+    row["given"] = f1_at_half(given.apply(scores), hits, n_truth)
+    row["n peaks"] = len(peaks)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--accuracy-dir", action="append", default=[], help="a benchmarks/accuracy.py --out directory")
+    ap.add_argument("--demo-dir", action="append", default=[], help="a cryopick demo output directory")
+    ap.add_argument("--match", default="", help="only runs whose name matches this regular expression")
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    runs = [r for d in args.accuracy_dir for r in accuracy_runs(Path(d))] + [demo_run(Path(d)) for d in args.demo_dir]
+    runs = [r for r in runs if re.search(args.match, r.name)]
+    print("| run | best F1 | F1 at 0.5: 1 bg | F1 at 0.5: BIC (shipped) | F1 at 0.5: BIC, true count | "
+          "particles est. 1 bg / BIC (true) | peaks |")
+    print("|---|---|---|---|---|---|---|")
+    ratios = {"1 bg": [], "BIC": [], "given": []}
+    for run in runs:
+        row = evaluate_run(run)
+        for key in ratios:
+            ratios[key].append(row[key] / row["best"])
+        one = f"{row['1 bg']:.3f} ({row['1 bg'] / row['best']:.2f})"
+        one_count = f"{row['1 bg count']:.0f}"
+        print(f"| {row['run']} | {row['best']:.3f} | {one} | {row['BIC']:.3f} ({row['BIC'] / row['best']:.2f}"
+              f"{', labels' if row['method'] == 'labels' else ''}) | {row['given']:.3f} ({row['given'] / row['best']:.2f}) | "
+              f"{one_count} / {row['BIC count']:.0f} ({row['true']}) | {row['n peaks']} |", flush=True)
+    for key, values in ratios.items():
+        print(f"F1 at 0.5 / best F1, {key}: mean {np.mean(values):.3f}, min {np.min(values):.3f} over {len(values)} runs")
+
+
+if __name__ == "__main__":
+    main()
