@@ -43,3 +43,15 @@ def test_demo_prints_the_figures_the_readme_shows(tmp_path):
     report, _ = run_demo(tmp_path / "demo", DemoSettings(device="cpu"), quiet=True)
     for key, value in DEMO_FIGURES.items():
         assert report.overall[key] == pytest.approx(value, abs=0.02), key
+
+
+def test_readme_shows_the_pinned_demo_figures():
+    """The line the README quotes is the one the pinned figures describe."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = re.search(r"demo: precision ([\d.]+)\s+recall ([\d.]+)\s+F1 ([\d.]+)\s+AP ([\d.]+)", readme)
+    assert found, "README quotes no demo line"
+    shown = dict(zip(("precision", "recall", "f1", "ap"), map(float, found.groups())))
+    assert shown == DEMO_FIGURES
