@@ -213,13 +213,13 @@ def fit_calibration(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels:
                             "(train --expected-particles N) or pick with your own --threshold")
     given = expected_particles is not None
     n_given = max(float(expected_particles) * n_micrographs - n_known, 1.0) if given else None
-    mixture = mixture_posterior(peaks, labels, n_given)
+    mixture = _mixture_posterior(peaks, labels, n_given)
     suggested = None
     if mixture is not None:
-        knots, values, n_total = mixture
+        knots, values, n_total, estimated = mixture
         method = "mixture"
         if given:  # what the peaks alone say, so a count far from it can be questioned
-            suggested = (mixture_posterior(peaks, labels)[2] + n_known) / n_micrographs
+            suggested = (estimated + n_known) / n_micrographs
     else:
         n_total = n_given if given else estimate_particle_count(peaks, labels, n_labels)
         knots, values = posterior_table(peaks, labels, n_labels, n_total)
@@ -332,6 +332,15 @@ def mixture_posterior(peak_scores: np.ndarray, label_scores: np.ndarray, n_parti
     its prior odds are scaled until the posteriors sum to it. ``background_components``: the numbers of
     Gaussians for everything else that BIC chooses from.
     """
+    fitted = _mixture_posterior(peak_scores, label_scores, n_particles, n_knots, background_components)
+    return None if fitted is None else fitted[:3]
+
+
+def _mixture_posterior(peak_scores: np.ndarray, label_scores: np.ndarray, n_particles: float | None,
+                       n_knots: int = 200, background_components: tuple[int, ...] = (1, 2),
+                       ) -> tuple[np.ndarray, np.ndarray, float, float] | None:
+    """``mixture_posterior`` plus the count the mixture estimates by itself (the same as the third element
+    when no count is given)."""
     z, z_labels = clipped_logit(peak_scores), clipped_logit(label_scores)
     if len(z) < MIN_MIXTURE_PEAKS or len(z_labels) == 0:
         return None
@@ -340,13 +349,12 @@ def mixture_posterior(peak_scores: np.ndarray, label_scores: np.ndarray, n_parti
         return None
     knots = np.linspace(z.min(), z.max(), n_knots)
     values = _monotone(mixture.posterior(knots))
-    count = float(np.interp(z, knots, values).sum())
-    if count >= 0.5 * len(z):
+    estimated = float(np.interp(z, knots, values).sum())
+    if estimated >= 0.5 * len(z):
         return None  # "particles" that outnumber everything else: not this model
-    if n_particles is not None:
-        values = _with_count(mixture, knots, z, n_particles)
-        count = float(n_particles)
-    return knots, values, count
+    if n_particles is None:
+        return knots, values, estimated, estimated
+    return knots, _with_count(mixture, knots, z, n_particles), float(n_particles), estimated
 
 
 def _monotone(values: np.ndarray) -> np.ndarray:
