@@ -47,6 +47,11 @@ class MapGeometry:
         cols = (np.asarray(x, dtype=np.float64) / sx + self.pad) / self.output_stride
         return rows, cols
 
+    def mirror_band(self) -> tuple[float, float]:
+        """Half a map sample in original px (rows, cols): how close to a border a peak is on its mirror axis."""
+        sy, sx = self.scales
+        return self.output_stride / 2 * sy, self.output_stride / 2 * sx
+
     def to_binned(self, rows, cols) -> tuple[np.ndarray, np.ndarray]:
         """Binned-pixel centres ``(y, x)`` of integer map indices."""
         return rows * self.output_stride - self.pad, cols * self.output_stride - self.pad

@@ -9,7 +9,7 @@ geometry (``cryopick.inference.MapGeometry``) says where its samples lie.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from scipy import ndimage
@@ -126,9 +126,13 @@ class Picks:
 
 
 def candidate_picks(logits: np.ndarray, geometry: MapGeometry, binned_shape: tuple[int, int],
-                    shape: tuple[int, int], radius_px: float, edge: float = 0.0) -> Picks:
+                    shape: tuple[int, int], radius_px: float, edge: float = 0.0,
+                    calibrate: Callable[[np.ndarray], np.ndarray] | None = None) -> Picks:
     """Every peak of the map inside the micrograph and ``edge`` px from its border, after NMS.
 
+    Scores are σ(logit); with ``calibrate`` (pick's final probabilities) they are ``calibrate(σ(logit))``
+    times ``inside_probability`` (a peak on the reflection axis at the border is half as likely to be a
+    particle centred inside), before NMS so that such a peak cannot suppress a better one.
     Thresholding afterwards gives the same picks as thresholding first: greedy NMS only lets a
     pick be suppressed by a better one.
     """
@@ -142,9 +146,26 @@ def candidate_picks(logits: np.ndarray, geometry: MapGeometry, binned_shape: tup
     x = np.clip(np.rint(x), 0, shape[1] - 1)
     y = np.clip(np.rint(y), 0, shape[0] - 1)
     score = expit(logits[rows, cols].astype(np.float64))
+    if calibrate is not None:
+        score = calibrate(score) * inside_probability(x, y, shape, geometry.mirror_band())
     away = away_from_edges(x, y, shape, edge)
     candidates = Picks(x[away], y[away], score[away])
     return candidates.take(greedy_nms(candidates.x, candidates.y, candidates.score, radius_px))
+
+
+def inside_probability(x: np.ndarray, y: np.ndarray, shape: tuple[int, int],
+                       band: tuple[float, float]) -> np.ndarray:
+    """P(the particle of a peak at (x, y) is centred inside the micrograph), from where the peak lies.
+
+    Micrographs are reflect-padded, so near the border the map is (up to the network's own asymmetry)
+    mirror-symmetric about the border's pixel: a particle centred d px outside, half of it visible, looks
+    like one centred d px inside, and both give a peak on the axis. Within ``band`` = (rows, cols) original
+    px of the border (half a map sample: closer than that the map cannot tell a centre from its mirror
+    image), and with particles as dense on either side, the centre is inside with probability 1/2.
+    """
+    by, bx = band
+    on_axis = (x < bx) | (x > shape[1] - 1 - bx) | (y < by) | (y > shape[0] - 1 - by)
+    return np.where(on_axis, 0.5, 1.0)
 
 
 def away_from_edges(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], edge: float) -> np.ndarray:

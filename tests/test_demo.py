@@ -34,11 +34,11 @@ def test_demo_refuses_a_non_empty_directory(tmp_path):
 
 
 # The figures `cryopick demo` prints with its defaults (2 CPU cores, torch 2.13.0+cpu; README "What to expect").
-DEMO_FIGURES = {"precision": 0.939, "recall": 0.760, "f1": 0.840, "ap": 0.732}
+DEMO_FIGURES = {"precision": 0.992, "recall": 0.772, "f1": 0.868, "ap": 0.772}
 
 
 def test_demo_prints_the_figures_the_readme_shows(tmp_path):
-    # the full demo: ~3–4 min on 2 free cores (benchmarks/RESULTS.md), run by default because
+    # the full demo: ~3.5 min on 2 free cores (benchmarks/RESULTS.md), run by default because
     # the README's figures are the first thing a user checks
     report, _ = run_demo(tmp_path / "demo", DemoSettings(device="cpu"), quiet=True)
     for key, value in DEMO_FIGURES.items():
@@ -55,3 +55,14 @@ def test_readme_shows_the_pinned_demo_figures():
     assert found, "README quotes no demo line"
     shown = dict(zip(("precision", "recall", "f1", "ap"), map(float, found.groups())))
     assert shown == DEMO_FIGURES
+
+
+def test_cli_demo_defaults_are_the_demo_settings():
+    """`cryopick demo` without options runs exactly ``DemoSettings()`` (the pinned figures' settings)."""
+    import typer.main
+
+    command = typer.main.get_command(app).commands["demo"]
+    defaults = {p.name: p.default for p in command.params}
+    settings = DemoSettings()
+    for name in ("micrographs", "epochs", "steps_per_epoch", "snr", "particle", "device", "seed"):
+        assert defaults[name] == getattr(settings, name), name

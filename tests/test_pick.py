@@ -28,6 +28,7 @@ from cryopick.nms import (
     away_from_edges,
     candidate_picks,
     greedy_nms,
+    inside_probability,
     local_maxima,
     refine_peaks,
     score_histogram,
@@ -293,6 +294,31 @@ def test_candidates_threshold_max_picks_and_edge_on_a_hand_made_map():
     assert select_picks(near_edge, 0.5).x.tolist() == [32.0, 64.0]
     merged = candidate_picks(logits, geometry, (100, 120), (200, 240), radius_px=40.0)
     assert select_picks(merged, 0.5).x.tolist() == [32.0, 192.0]  # (64, 32) is 32 px from the best
+
+
+def test_inside_probability_halves_peaks_on_the_mirror_axis():
+    # 200 × 240 micrograph (rows × cols), band (4, 6): x < 6 or x > 233, y < 4 or y > 195 is on the axis
+    x = np.array([5.9, 6.0, 233.0, 233.1, 100.0, 100.0, 100.0])
+    y = np.array([100.0, 100.0, 100.0, 100.0, 3.9, 4.0, 195.5])
+    np.testing.assert_array_equal(inside_probability(x, y, (200, 240), (4.0, 6.0)),
+                                  [0.5, 1.0, 1.0, 0.5, 0.5, 1.0, 0.5])
+    assert MapGeometry(OS, PAD, (2.0, 3.0)).mirror_band() == (8.0, 12.0)  # half a sample: 4 binned px
+
+
+def test_calibrated_candidates_halve_axis_peaks_before_nms():
+    # as above: sample (i, j) → original (16j − 128, 16i − 128); band = 8 original px
+    logits = np.full((20, 22), -10.0)
+    logits[8, 20] = 2.0  # (192, 0): on the top edge's axis, p = 0.881
+    logits[10, 20] = 1.5  # (192, 32): inside, p = 0.818, 32 px from the axis peak
+    logits[10, 10] = 3.0  # (32, 32)
+    geometry = MapGeometry(OS, PAD, (2.0, 2.0))
+    raw = candidate_picks(logits, geometry, (100, 120), (200, 240), radius_px=40.0)
+    assert list(zip(raw.x, raw.y))[:2] == [(32.0, 32.0), (192.0, 0.0)]  # the axis peak suppresses (192, 32)
+    assert (192.0, 32.0) not in list(zip(raw.x, raw.y))
+    calibrated = candidate_picks(logits, geometry, (100, 120), (200, 240), radius_px=40.0, calibrate=lambda p: p)
+    assert list(zip(calibrated.x, calibrated.y))[:2] == [(32.0, 32.0), (192.0, 32.0)]
+    np.testing.assert_allclose(calibrated.score[:2], 1 / (1 + np.exp(-np.array([3.0, 1.5]))))
+    assert (192.0, 0.0) not in list(zip(calibrated.x, calibrated.y))  # now the one suppressed
 
 
 def test_edge_keeps_exactly_the_centres_whose_box_fits():
