@@ -127,12 +127,13 @@ class Picks:
 
 def candidate_picks(logits: np.ndarray, geometry: MapGeometry, binned_shape: tuple[int, int],
                     shape: tuple[int, int], radius_px: float, edge: float = 0.0,
-                    calibrate: Callable[[np.ndarray], np.ndarray] | None = None) -> Picks:
+                    calibrate: Callable[[np.ndarray], np.ndarray] | None = None,
+                    halve_border_peaks: bool = False) -> Picks:
     """Every peak of the map inside the micrograph and ``edge`` px from its border, after NMS.
 
-    Scores are σ(logit); with ``calibrate`` (pick's final probabilities) they are ``calibrate(σ(logit))``
-    times ``inside_probability`` (a peak on the reflection axis at the border is half as likely to be a
-    particle centred inside), before NMS so that such a peak cannot suppress a better one.
+    Scores are σ(logit), mapped by ``calibrate`` when given; ``halve_border_peaks`` (pick's final
+    probabilities) multiplies them by ``inside_probability`` (a peak on the reflection axis at the border is
+    half as likely to be a particle centred inside), before NMS so that such a peak cannot suppress a better one.
     Thresholding afterwards gives the same picks as thresholding first: greedy NMS only lets a
     pick be suppressed by a better one.
     """
@@ -145,11 +146,14 @@ def candidate_picks(logits: np.ndarray, geometry: MapGeometry, binned_shape: tup
     # RELION's Extract truncates coordinates to integers; rounding here centres its boxes on the nearest pixel
     x = np.clip(np.rint(x), 0, shape[1] - 1)
     y = np.clip(np.rint(y), 0, shape[0] - 1)
-    score = expit(logits[rows, cols].astype(np.float64))
-    if calibrate is not None:
-        score = calibrate(score) * inside_probability(x, y, shape, geometry.mirror_band())
     away = away_from_edges(x, y, shape, edge)
-    candidates = Picks(x[away], y[away], score[away])
+    x, y = x[away], y[away]
+    score = expit(logits[rows[away], cols[away]].astype(np.float64))
+    if calibrate is not None:
+        score = calibrate(score)
+    if halve_border_peaks:
+        score = score * inside_probability(x, y, shape, geometry.mirror_band())
+    candidates = Picks(x, y, score)
     return candidates.take(greedy_nms(candidates.x, candidates.y, candidates.score, radius_px))
 
 

@@ -325,9 +325,9 @@ def _pick_one(loaded: LoadedMicrograph, logits: np.ndarray, scorer: DenseScorer,
     radius = nms_radius_px(config, record, loaded.pixel_size)
     if state.summary.radius_px is None:
         state.summary.radius_px = radius
-    calibrate = state.calibration.apply if state.calibration is not None else _uncalibrated
+    calibrate = state.calibration.apply if state.calibration is not None else None
     candidates = candidate_picks(logits, scorer.geometry(loaded.scales), tuple(loaded.binned.shape), loaded.shape,
-                                 radius, config.edge, calibrate)
+                                 radius, config.edge, calibrate, halve_border_peaks=True)
     picks = select_picks(candidates, config.threshold, config.max_picks)
     star_path = safe_join(out_root, loaded.plan.star)
     write_coordinate_star(star_path, picks.x, picks.y, picks.score)
@@ -340,10 +340,6 @@ def _pick_one(loaded: LoadedMicrograph, logits: np.ndarray, scorer: DenseScorer,
         particle_radius = record.diameter_A / 2 / loaded.pixel_size
         state.summary.outputs.append(_write_preview(loaded, picks, particle_radius, config, out_root))
     return len(picks)
-
-
-def _uncalibrated(probabilities: np.ndarray) -> np.ndarray:
-    return probabilities
 
 
 def _note_pixel_size(loaded: LoadedMicrograph, record: PreprocessRecord, state: _RunState, quiet: bool) -> None:

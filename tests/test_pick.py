@@ -305,7 +305,7 @@ def test_inside_probability_halves_peaks_on_the_mirror_axis():
     assert MapGeometry(OS, PAD, (2.0, 3.0)).mirror_band() == (8.0, 12.0)  # half a sample: 4 binned px
 
 
-def test_calibrated_candidates_halve_axis_peaks_before_nms():
+def test_pick_candidates_halve_axis_peaks_before_nms():
     # as above: sample (i, j) → original (16j − 128, 16i − 128); band = 8 original px
     logits = np.full((20, 22), -10.0)
     logits[8, 20] = 2.0  # (192, 0): on the top edge's axis, p = 0.881
@@ -315,10 +315,11 @@ def test_calibrated_candidates_halve_axis_peaks_before_nms():
     raw = candidate_picks(logits, geometry, (100, 120), (200, 240), radius_px=40.0)
     assert list(zip(raw.x, raw.y))[:2] == [(32.0, 32.0), (192.0, 0.0)]  # the axis peak suppresses (192, 32)
     assert (192.0, 32.0) not in list(zip(raw.x, raw.y))
-    calibrated = candidate_picks(logits, geometry, (100, 120), (200, 240), radius_px=40.0, calibrate=lambda p: p)
-    assert list(zip(calibrated.x, calibrated.y))[:2] == [(32.0, 32.0), (192.0, 32.0)]
-    np.testing.assert_allclose(calibrated.score[:2], 1 / (1 + np.exp(-np.array([3.0, 1.5]))))
-    assert (192.0, 0.0) not in list(zip(calibrated.x, calibrated.y))  # now the one suppressed
+    halved = candidate_picks(logits, geometry, (100, 120), (200, 240), radius_px=40.0,
+                             halve_border_peaks=True)
+    assert list(zip(halved.x, halved.y))[:2] == [(32.0, 32.0), (192.0, 32.0)]
+    np.testing.assert_allclose(halved.score[:2], 1 / (1 + np.exp(-np.array([3.0, 1.5]))))
+    assert (192.0, 0.0) not in list(zip(halved.x, halved.y))  # now the one suppressed
 
 
 def test_edge_keeps_exactly_the_centres_whose_box_fits():
