@@ -11,12 +11,13 @@ shapes, plus the development set dev-shell when present) both pickers train on t
 Everything is scored by cryopick.evaluate with one radius, half the particle diameter in original pixels,
 on every micrograph (labeled ones included, as both pickers train on them as unlabeled data too) and
 separately on the micrographs without labels. The ablation (selective vs all vs none, with/without the
-EMA teacher) runs on one case with the same data and budget.
+EMA teacher) runs with the same data and budget on the shell case, or on the cases of --ablation-cases.
 
     python benchmarks/accuracy.py                       # CPU profile, < 1 h on 2 cores, writes RESULTS.md
     python benchmarks/accuracy.py --quick --out /tmp/acc-quick     # tiny, checks the script (~5 min)
     python benchmarks/accuracy.py --gpu                 # design defaults (resnet18, 50 epochs; Topaz defaults)
     python benchmarks/accuracy.py --cases shell-snr0.05,dev-shell --skip-topaz
+    python benchmarks/accuracy.py --cases dev-sparse --ablation-cases dev-sparse --seeds 3 --skip-topaz
 
 Topaz is installed by benchmarks/topaz_env.sh into its own virtual environment (reused when present).
 """
@@ -534,6 +535,12 @@ def _suffixes(results: list[Result]) -> list[str]:
     return list(dict.fromkeys(r.method[len(base):] for r in results if r.method.startswith(base)))
 
 
+def ablated_cases(results: list[Result]) -> list[str]:
+    """The cases that have ablation rows (a variant other than the head-to-head one)."""
+    others = tuple(label for label, _, _ in ABLATION[1:])
+    return list(dict.fromkeys(r.case for r in results if r.method.startswith(others)))
+
+
 def verdicts(results: list[Result], cases: list[str]) -> list[str]:
     """The goal checks (issue 8): cryopick vs the better trained Topaz per case (AP ≥ Topaz + 0.03), F1 at the
     default threshold against the best F1, and the ablation over seeds (mean ± sd)."""
@@ -558,22 +565,23 @@ def verdicts(results: list[Result], cases: list[str]) -> list[str]:
             lines.append(f"- {case}: {ours.method} AP {ours.ap:.3f} vs {theirs.method} {theirs.ap:.3f}: "
                          f"ΔAP {gap:+.3f} ({won}: goal ≥ +0.03); {calib}; end to end {ours.wall_s:.0f} s vs "
                          f"{theirs.wall_s:.0f} s ({speed}).")
-        lines += ablation_lines(ok, suffix)
+        for case in ablated_cases(ok):
+            lines += ablation_lines(ok, suffix, case)
     return lines
 
 
-def ablation_lines(ok: list[Result], suffix: str) -> list[str]:
+def ablation_lines(ok: list[Result], suffix: str, case: str = ABLATION_CASE) -> list[str]:
     """Mean ± sd of AP and F1 at 0.5 per ablation variant over its seeds (seed 0 is the head-to-head row)."""
     rows = []
     for label, _, _ in ABLATION:
-        runs = [r for r in ok if r.case == ABLATION_CASE and re.fullmatch(re.escape(label + suffix) +
-                                                                           r"( \(seed \d+\))?", r.method)]
+        runs = [r for r in ok if r.case == case and re.fullmatch(re.escape(label + suffix) +
+                                                                  r"( \(seed \d+\))?", r.method)]
         if runs:
             ap, f1 = np.array([r.ap for r in runs]), np.array([r.f1 for r in runs])
             rows.append(f"{label}: AP {ap.mean():.3f} ± {ap.std(ddof=1) if len(ap) > 1 else 0:.3f}, "
                         f"F1 at 0.5 {f1.mean():.3f} ± {f1.std(ddof=1) if len(f1) > 1 else 0:.3f} "
                         f"({len(runs)} seed{'s' if len(runs) > 1 else ''})")
-    return [f"- ablation ({ABLATION_CASE}{suffix}): " + "; ".join(rows) + "."] if len(rows) > 1 else []
+    return [f"- ablation ({case}{suffix}): " + "; ".join(rows) + "."] if len(rows) > 1 else []
 
 
 def machine_line() -> str:
@@ -660,6 +668,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="cryopick loss.balanced_prior π' for every cryopick row (default: cryopick's own default); "
                          "the rows are labeled with it")
     ap.add_argument("--seeds", type=int, default=1, help="training seeds of each ablation row (mean ± sd reported)")
+    ap.add_argument("--ablation-cases", default=None,
+                    help=f"comma-separated cases that also run the ablation (default: {ABLATION_CASE}; "
+                         "each must be among --cases)")
     ap.add_argument("--with-count", action="store_true",
                     help="give cryopick the true particle count (--expected-particles); default: nothing but the diameter")
     ap.add_argument("--topaz-stock", action="store_true", help="also run Topaz with its stock (inflated) prior")
@@ -684,6 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in SIM_CASES and not (n in DEV_CASES and (SHARED_DATA / n).is_dir())]
     if unknown:
         sys.exit(f"unknown or missing case(s): {', '.join(unknown)}")
+    ablation_cases = tuple(args.ablation_cases.split(",")) if args.ablation_cases else (ABLATION_CASE,)
+    if args.ablation_cases and set(ablation_cases) - set(names):
+        sys.exit(f"--ablation-cases not among the cases: {', '.join(sorted(set(ablation_cases) - set(names)))}")
     command = ("python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     started, t0, earlier_s = dt.datetime.now().strftime("%Y-%m-%d %H:%M"), time.perf_counter(), 0.0
     log = work / "topaz.log"
@@ -740,14 +754,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # order of importance, so a run cut short still has the main results: the ablation case's head-to-head,
     # the ablation, the independent dev set, then the other simulated cases
-    order = sorted(names, key=lambda n: (n != ABLATION_CASE, n not in DEV_CASES))
+    order = sorted(names, key=lambda n: (n not in ablation_cases, n not in DEV_CASES))
     for name in dict.fromkeys(r.case for r in results if r.case not in names):  # kept rows of other cases
         prepared.append(prepare_case(name, profile, work))
     for name in order:
         case = prepare_case(name, profile, work)
         prepared.append(case)
         head_to_head(case)
-        if name == ABLATION_CASE and not args.skip_ablation:
+        if name in ablation_cases and not args.skip_ablation:
             for seed in range(args.seeds):
                 for variant in ABLATION[0 if seed else 1:]:
                     cryopick_row(case, *variant, seed=seed)

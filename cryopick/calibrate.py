@@ -10,7 +10,9 @@ particle's score looks like (f_P; unmatched labels count as "never picked"), all
   responsibility is the posterior, its sum over the peaks the count (``mixture_posterior``). A given count
   keeps the mixture's likelihood ratio and moves its prior. Labels are the clearest particles, so their
   recall over-states everyone's; the mixture uses them only to say which component is the particles.
-- Otherwise (fewer than 50 peaks, one population, or labels outside the particles' component), from the labels:
+- Otherwise (fewer than 50 peaks, one population, labels outside the particles' component, or a mixture count
+  more than ``MAX_COUNT_RATIO`` times the labels' estimate below: its upper component then holds a population
+  the labels do not, e.g. junk scoring between the background and the particles), from the labels:
 - **Mixture proportion** α (particles per peak): above any threshold t there are at least as many peaks
   as particles, #peaks(≥ t) ≥ N·R(t), with R(t) the fraction of labels picked at ≥ t. So
   N ≤ #peaks(≥ t) / R(t) for every t, with equality where only particles score above t (Elkan–Noto/Scott
@@ -38,6 +40,9 @@ from cryopick.errors import CryopickError
 MIN_MIXTURE_PEAKS = 50  # fewer peaks than this: no mixture fit, the labels' recall decides
 MIN_SEPARATION = 2.0  # Ashman's D of the two components below which they are not two populations
 COUNT_RECALL = 0.8  # the held-out label recall at which the particle count is read (estimate_particle_count)
+# Labels are the clearest particles, so the labels' estimate under-counts: where the mixture was right the two
+# differed by 1.0–1.8× (benchmarks/RESULTS.md); a 3× larger mixture count is not the particles alone
+MAX_COUNT_RATIO = 3.0
 LOGIT_CLIP = 30.0  # σ(30) = 1 − 1e-13: beyond this probabilities saturate in float64
 TIE_BREAK = 0.01  # weight of the peaks' rank in the calibrated score: keeps the ranking through the 6 decimals
 N_QUANTILES = 101  # quantiles of the calibration peaks' logits stored for the tie-break
@@ -214,6 +219,8 @@ def fit_calibration(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels:
     given = expected_particles is not None
     n_given = max(float(expected_particles) * n_micrographs - n_known, 1.0) if given else None
     mixture = _mixture_posterior(peaks, labels, n_given)
+    if mixture is not None and mixture[3] > MAX_COUNT_RATIO * estimate_particle_count(peaks, labels, n_labels):
+        mixture = None
     suggested = None
     if mixture is not None:
         knots, values, n_total, estimated = mixture

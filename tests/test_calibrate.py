@@ -85,6 +85,25 @@ def test_mixture_ignores_that_labels_are_the_clearest_particles():
     assert mixture_posterior(flat, flat[:30]) is None
 
 
+def test_a_mixture_count_far_above_the_labels_estimate_is_not_trusted():
+    """Junk scoring between the background and the particles joins the particles' component: the mixture then
+    counts 223 where the labels (10, all particles) say 52; beyond 3× the labels decide."""
+    from cryopick.calibrate import MAX_COUNT_RATIO, mixture_posterior
+
+    rng = np.random.default_rng(3)
+    z_junk, z_p = rng.normal(1.5, 1.0, 200), rng.normal(3.2, 0.5, 25)
+    peaks = expit(np.concatenate([rng.normal(-4.0, 1.0, 2000), z_junk, z_p]))
+    labels = expit(rng.choice(z_p, 10, replace=False))
+    mixture_count, label_count = mixture_posterior(peaks, labels)[2], estimate_particle_count(peaks, labels, 10)
+    assert mixture_count > 200 and label_count < 60 and mixture_count > MAX_COUNT_RATIO * label_count
+    cal = fit_calibration(peaks, labels, 10, n_micrographs=2, held_out=True)
+    assert cal.method == "labels" and cal.particles_per_micrograph * 2 == pytest.approx(label_count)
+    # labels spread over the whole upper population: the two estimates agree and the mixture is kept
+    agreeing = expit(rng.choice(np.concatenate([z_junk, z_p]), 10, replace=False))
+    cal = fit_calibration(peaks, agreeing, 10, n_micrographs=2, held_out=True)
+    assert cal.method == "mixture" and cal.particles_per_micrograph * 2 == pytest.approx(mixture_count)
+
+
 def test_synthetic_mixture_recovers_count_and_posterior():
     rng = np.random.default_rng(0)
     n_particles, n_other = 400, 3000
