@@ -12,17 +12,13 @@ Runs come from ``benchmarks/accuracy.py --out DIR`` work directories:
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import numpy as np
-from calibration import accuracy_runs  # benchmarks/calibration.py (this script's directory is on sys.path)
+from calibration import accuracy_runs, scored_run  # benchmarks/calibration.py (this directory is on sys.path)
 
 import cryopick.nms
 from cryopick.checkpoint import load_checkpoint, preprocess_from_checkpoint
-from cryopick.config import PickConfig
-from cryopick.evaluate import evaluate
-from cryopick.pick import pick
 
 
 def _no_factor(x, y, shape, band):
@@ -34,10 +30,7 @@ def scored(run, radius: float, halve: bool) -> dict:
     shipped = cryopick.nms.inside_probability
     cryopick.nms.inside_probability = shipped if halve else _no_factor
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            pick(str(run.micrographs), run.checkpoint, Path(tmp) / "picks",
-                 PickConfig(threshold=0.0, device="cpu", overwrite=True), quiet=True, project_dir=run.project)
-            return evaluate(Path(tmp) / "picks", run.truth, radius, threshold=0.5).overall
+        return scored_run(run, radius)
     finally:
         cryopick.nms.inside_probability = shipped
 

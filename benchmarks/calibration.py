@@ -37,6 +37,7 @@ from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preproce
 from cryopick.config import PickConfig
 from cryopick.crops import hold_out_labels
 from cryopick.dataset import load_labeled_micrographs
+from cryopick.evaluate import evaluate
 from cryopick.fsutil import save_torch_atomic
 from cryopick.io.coords import read_coordinates
 from cryopick.pick import pick
@@ -79,16 +80,29 @@ def truth_by_name(truth: Path) -> dict[str, np.ndarray]:
     return {Path(t.micrograph or t.source.stem).stem: t.coords[["x", "y"]].to_numpy() for t in read_coordinates(truth)}
 
 
+def pick_run(run: Run, out: Path, checkpoint: Path | None = None) -> Path:
+    """Pick every micrograph of ``run`` as ``cryopick pick`` does, at threshold 0 (``checkpoint``: instead of
+    the run's); returns the folder of coordinate files."""
+    picks = out / "picks"
+    pick(str(run.micrographs), checkpoint or run.checkpoint, picks,
+         PickConfig(threshold=0.0, device="cpu", overwrite=True), quiet=True, project_dir=run.project)
+    return picks
+
+
+def scored_run(run: Run, radius: float) -> dict:
+    """Pooled metrics (AP, best F1, F1 at 0.5, picks at 0.5 …) of the run's picks against its full truth."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return evaluate(pick_run(run, Path(tmp)), run.truth, radius, threshold=0.5).overall
+
+
 def raw_picks(run: Run, ckpt: dict, truth: dict[str, np.ndarray], radius: float) -> tuple[np.ndarray, np.ndarray]:
     """(raw probabilities, matched to truth) of every peak of every micrograph, picked without calibration."""
     with tempfile.TemporaryDirectory() as tmp:
         raw = dict(ckpt)
         raw.pop("calibration", None)
         save_torch_atomic(Path(tmp) / "raw.pt", raw)
-        pick(str(run.micrographs), Path(tmp) / "raw.pt", Path(tmp) / "picks",
-             PickConfig(threshold=0.0, device="cpu", overwrite=True), quiet=True, project_dir=run.project)
         scores, hits = [], []
-        for table in read_coordinates(Path(tmp) / "picks"):
+        for table in read_coordinates(pick_run(run, Path(tmp), Path(tmp) / "raw.pt")):
             stem = Path(table.micrograph or table.source.stem).stem
             key = next(k for k in truth if stem.startswith(k))
             xy, score = table.coords[["x", "y"]].to_numpy(), table.coords["score"].to_numpy()

@@ -24,12 +24,11 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from calibration import accuracy_runs, truth_by_name  # benchmarks/calibration.py (this directory is on sys.path)
+from calibration import accuracy_runs, pick_run, truth_by_name  # benchmarks/calibration.py (on sys.path)
 from scipy import ndimage
 
 import cryopick.pick
 from cryopick.checkpoint import load_checkpoint, preprocess_from_checkpoint
-from cryopick.config import PickConfig
 from cryopick.evaluate import evaluate_coordinates
 from cryopick.nms import Picks, candidate_picks
 
@@ -60,17 +59,12 @@ def captured_maps(run) -> list[MapCall]:
     cryopick.pick.candidate_picks, cryopick.pick.write_coordinate_star = spy, spy_write
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            pick(run, Path(tmp))
+            pick_run(run, Path(tmp))
     finally:
         cryopick.pick.candidate_picks, cryopick.pick.write_coordinate_star = shipped_candidates, shipped_write
     truth = truth_by_name(run.truth)
     return [MapCall(name, logits, args, truth[next(k for k in truth if name.startswith(k))])
             for (logits, args), name in zip(calls, names)]
-
-
-def pick(run, out: Path) -> None:
-    cryopick.pick.pick(str(run.micrographs), run.checkpoint, out / "picks",
-                       PickConfig(threshold=0.0, device="cpu", overwrite=True), quiet=True, project_dir=run.project)
 
 
 def peaks(call: MapCall, logits: np.ndarray | None = None, radius: float | None = None) -> Picks:

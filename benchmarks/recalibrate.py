@@ -15,20 +15,16 @@ Runs come from ``benchmarks/accuracy.py --out DIR`` work directories and ``cryop
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import torch
-from calibration import accuracy_runs, demo_run  # benchmarks/calibration.py (this directory is on sys.path)
+from calibration import accuracy_runs, demo_run, scored_run  # benchmarks/calibration.py (on sys.path)
 
 from cryopick.calibrate import Calibration, estimate_particle_count, mixture_posterior
 from cryopick.calibrate_model import calibrate_checkpoint, calibration_micrographs, peak_scores
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
-from cryopick.config import PickConfig
 from cryopick.crops import hold_out_labels
 from cryopick.dataset import load_labeled_micrographs
-from cryopick.evaluate import evaluate
-from cryopick.pick import pick
 
 
 def held_out_like_train(run, config: dict) -> list[dict] | None:
@@ -37,13 +33,6 @@ def held_out_like_train(run, config: dict) -> list[dict] | None:
         return None
     mics = [m for m in load_labeled_micrographs(run.dataset) if len(m["labels"])]
     return hold_out_labels(mics, config["data"]["holdout_labels"], config["train"]["seed"])[1]
-
-
-def scored(run, radius: float) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        pick(str(run.micrographs), run.checkpoint, Path(tmp) / "picks",
-             PickConfig(threshold=0.0, device="cpu", overwrite=True), quiet=True, project_dir=run.project)
-        return evaluate(Path(tmp) / "picks", run.truth, radius, threshold=0.5).overall
 
 
 def counts(ckpt: dict, mics: list[dict], radius: float) -> str:
@@ -78,12 +67,12 @@ def main() -> None:
         ckpt = load_checkpoint(run.checkpoint)
         record, config = preprocess_from_checkpoint(ckpt), ckpt.get("config", {})
         radius = record.diameter_A / 2 / record.pixel_size
-        before, old = scored(run, radius), ckpt.get("calibration")
+        before, old = scored_run(run, radius), ckpt.get("calibration")
         held_out = held_out_like_train(run, config)
         estimates = counts(ckpt, held_out or calibration_micrographs(run.dataset)[0], radius)
         calibrate_checkpoint(run.checkpoint, run.dataset, config.get("loss", {}).get("expected_particles"),
                              torch.device("cpu"), held_out)
-        after, new = scored(run, radius), load_checkpoint(run.checkpoint).get("calibration")
+        after, new = scored_run(run, radius), load_checkpoint(run.checkpoint).get("calibration")
         print(f"| {run.name} | {estimates} | {describe(old)} → {describe(new)} | {before['f1']:.3f} → {after['f1']:.3f} "
               f"| {after['ap']:.3f} | {after['best_f1']:.3f} |", flush=True)
 

@@ -219,7 +219,8 @@ def fit_calibration(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels:
     given = expected_particles is not None
     n_given = max(float(expected_particles) * n_micrographs - n_known, 1.0) if given else None
     mixture = _mixture_posterior(peaks, labels, n_given)
-    if mixture is not None and mixture[3] > MAX_COUNT_RATIO * estimate_particle_count(peaks, labels, n_labels):
+    by_labels = estimate_particle_count(peaks, labels, n_labels)
+    if mixture is not None and mixture[3] > MAX_COUNT_RATIO * by_labels:
         mixture = None
     suggested = None
     if mixture is not None:
@@ -228,7 +229,7 @@ def fit_calibration(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels:
         if given:  # what the peaks alone say, so a count far from it can be questioned
             suggested = (estimated + n_known) / n_micrographs
     else:
-        n_total = n_given if given else estimate_particle_count(peaks, labels, n_labels)
+        n_total = n_given if given else by_labels
         knots, values = posterior_table(peaks, labels, n_labels, n_total)
         method = "labels"
     z = clipped_logit(peaks)
