@@ -3,14 +3,16 @@
 Both paths use the same checkpoint, preprocessing, peak finding, NMS and evaluation; only the score
 map differs: one fully-convolutional pass over the padded micrograph (what ``cryopick pick`` does) or
 ``model(window)`` on the window centred on every sample of the stride-8 grid. Two windows: the 128-px patch
-(what the patch classifier sees) and, for backbones trained densely with a context margin (ResNet-18/34/50),
-the patch plus that margin on each side (what a trained map sample saw). Goal: AP within 0.01.
+(what the patch classifier sees) and, for backbones trained densely with context (ResNet-18/34/50: half the
+receptive field on each side, ``cryopick.inference.context_pad``), the patch plus that context (what a
+trained map sample saw, and what pick's map sample sees). Goal: AP within 0.01.
 
     python benchmarks/dense_vs_windows.py --model experiments/run/checkpoints/best.pt \
         --micrographs sim/micrographs.star --truth sim/truth [--limit 2] [--crop 512] [--device cuda]
 
 ``--crop PX`` scores only the top-left PX × PX original pixels of each micrograph (both paths, and the truth
-inside it): window-by-window scoring of a ResNet-18 on a CPU is otherwise too slow.
+inside it): window-by-window scoring of a ResNet-18 on a CPU is otherwise too slow. ``--self-check`` only
+compares the two maps of a random ResNet-18 on a tiny image (checks the window code; no model needed).
 """
 
 from __future__ import annotations
@@ -25,26 +27,28 @@ import torch
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.dataset import reflect_pad
 from cryopick.evaluate import evaluate_coordinates
-from cryopick.inference import MapGeometry, dense_score_map
+from cryopick.inference import MapGeometry, context_pad, dense_score_map
 from cryopick.io.coords import read_coordinates
 from cryopick.io.matching import match_coordinates
 from cryopick.io.micrographs import find_micrographs
 from cryopick.io.mrc import read_header, read_micrograph
+from cryopick.model import PatchClassifier
 from cryopick.nms import candidate_picks
 from cryopick.preprocessing import micrograph_factor, preprocess
-from cryopick.train import context_margin
 
 
 @torch.inference_mode()
 def window_score_map(model, binned: torch.Tensor, pad: int, half: int, device: torch.device,
                      batch: int = 256) -> np.ndarray:
-    """``model(window)`` for the ``2·half``-px window centred on every map sample (i, j) ↔ padded pixel (8i, 8j)
-    (``pad``: pick's reflection padding; beyond it, zeros)."""
-    padded = reflect_pad(binned[None, None], pad)[0, 0]
-    size, stride = 2 * half, model.output_stride
-    # the dense map's shape: one sample per stride over the padded image
-    rows, cols = -(-padded.shape[0] // stride), -(-padded.shape[1] // stride)
-    big = torch.nn.functional.pad(padded, (half, half, half, half), mode="constant").to(device)
+    """``model(window)`` for the ``2·half``-px window centred on every map sample (i, j) ↔ binned pixel
+    (8i − pad, 8j − pad) (``pad``: pick's patch padding), cut from the micrograph reflected by ``half`` px
+    (extract's patches for ``half = pad``, dense training's crops with context beyond it); zeros further out."""
+    stride = model.output_stride
+    # the dense map's shape: one sample per stride over the pad-padded image
+    rows, cols = -(-(binned.shape[0] + 2 * pad) // stride), -(-(binned.shape[1] + 2 * pad) // stride)
+    reflected = reflect_pad(binned[None, None], half)[0, 0]
+    big = torch.nn.functional.pad(reflected, (pad, pad, pad, pad), mode="constant").to(device)
+    size = 2 * half
     centres = [(i, j) for i in range(rows) for j in range(cols)]
     out = np.empty(len(centres), np.float32)
     for start in range(0, len(centres), batch):
@@ -54,22 +58,47 @@ def window_score_map(model, binned: torch.Tensor, pad: int, half: int, device: t
     return out.reshape(rows, cols)
 
 
+@torch.inference_mode()
+def self_check(device: torch.device) -> None:
+    """Max |Δlogit| between pick's dense map and the trained-context windows of a random-BN ResNet-18."""
+    torch.manual_seed(0)
+    model = PatchClassifier("resnet18", dropout=0.0).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    model = model.to(device)
+    binned, pad = torch.randn(16, 24), 64
+    dense = dense_score_map(model, binned[None].to(device), pad)[0].float().cpu().numpy()
+    half = pad + context_pad(model, 2 * pad)
+    windows = window_score_map(model, binned, pad, half, device, batch=8)
+    print(f"resnet18, {2 * half}-px windows vs dense map {dense.shape}: max |Δlogit| "
+          f"{np.abs(dense - windows).max():.2e} (map std {dense.std():.3f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--micrographs", required=True)
-    ap.add_argument("--truth", required=True)
+    ap.add_argument("--model")
+    ap.add_argument("--micrographs")
+    ap.add_argument("--truth")
+    ap.add_argument("--self-check", action="store_true",
+                    help="only compare the two maps of a random-BatchNorm ResNet-18 on a 16×24 binned image "
+                         "(the window code itself; ~2.5 min on 2 CPU cores)")
     ap.add_argument("--limit", type=int, default=2, help="micrographs to score (window-by-window is slow)")
     ap.add_argument("--crop", type=int, default=None,
                     help="score the top-left CROP × CROP original px of each micrograph (default: all of it)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-
     device = torch.device(args.device)
+    if args.self_check:
+        self_check(device)
+        return
+    if not (args.model and args.micrographs and args.truth):
+        ap.error("--model, --micrographs and --truth are required (or --self-check)")
     ckpt = load_checkpoint(args.model)
     model, record = model_from_checkpoint(ckpt).to(device), preprocess_from_checkpoint(ckpt)
     dense_trained = ckpt.get("config", {}).get("data", {}).get("mode") == "dense"
-    margin = context_margin(model, record.patch_size) if dense_trained else 0
+    margin = context_pad(model, record.patch_size) if dense_trained else 0
     entries = find_micrographs(args.micrographs)[: args.limit]
     truth = match_coordinates(entries, read_coordinates(args.truth)).coords
     pad = record.patch_size // 2

@@ -2,7 +2,8 @@
 
 On simulated 4096×4096 micrographs binned ×4 (1024² binned), in one run:
   pick      micrographs/s of ``cryopick.pick.pick`` (reading, preprocessing, dense scoring, NMS, writing)
-  floor     read + preprocess + one plain forward pass of ``model.backbone`` over the binned micrograph
+  floor     read + preprocess + one plain forward pass of ``model.backbone`` over the binned micrograph padded
+            as pick pads it (half a patch, plus half the receptive field for ResNet-18/34/50)
   windows   ``model(patch)`` on every 128² window of the output-stride grid, timed on a subset and
             extrapolated to all grid positions (what a naive sliding-window picker costs)
 and peak memory (process max RSS; peak CUDA memory on a GPU).
@@ -29,6 +30,7 @@ from cryopick.checkpoint import save_checkpoint  # noqa: E402
 from cryopick.config import PickConfig  # noqa: E402
 from cryopick.dataset import reflect_pad  # noqa: E402
 from cryopick.device import autocast_factory, channels_last, resolve_device  # noqa: E402
+from cryopick.inference import context_pad  # noqa: E402
 from cryopick.io.mrc import read_micrograph, write_mrc  # noqa: E402
 from cryopick.model import PatchClassifier  # noqa: E402
 from cryopick.pick import pick  # noqa: E402
@@ -67,22 +69,29 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_floor(paths: list[Path], model: PatchClassifier, factor: float, device: torch.device
-               ) -> tuple[float, float]:
-    """Seconds per micrograph (read + preprocess, backbone forward on the unpadded binned image), serially."""
-    loading = forward = 0.0
+def time_floor(paths: list[Path], model: PatchClassifier, factor: float, device: torch.device, pad: int
+               ) -> tuple[float, float, float]:
+    """Seconds per micrograph, serially: read + preprocess; backbone forward over the binned image reflect-padded
+    as pick pads it (half a patch plus the backbone's context); the same forward over the bare binned image."""
+    loading = forward = bare = 0.0
+    context = context_pad(model, 2 * pad)
     with torch.inference_mode(), autocast_factory(device.type == "cuda")():
         for path in paths:
             start = time.perf_counter()
             binned, _ = preprocess(read_micrograph(path), factor)
             x = channels_last(binned[None, None].to(device), device.type == "cuda")
+            padded = channels_last(reflect_pad(x, pad + context), device.type == "cuda")
             synchronise(device)
             middle = time.perf_counter()
+            model.backbone(padded)
+            synchronise(device)
+            after = time.perf_counter()
             model.backbone(x)
             synchronise(device)
             loading += middle - start
-            forward += time.perf_counter() - middle
-    return loading / len(paths), forward / len(paths)
+            forward += after - middle
+            bare += time.perf_counter() - after
+    return loading / len(paths), forward / len(paths), bare / len(paths)
 
 
 def time_windows(path: Path, model: PatchClassifier, factor: float, device: torch.device, n_windows: int,
@@ -144,14 +153,17 @@ def main(argv=None) -> None:
         cuda_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
         model = channels_last(model.to(device), device.type == "cuda")
-        load_seconds, forward_seconds = time_floor(paths, model, record.bin_factor, device)
+        load_seconds, forward_seconds, bare_seconds = time_floor(paths, model, record.bin_factor, device,
+                                                                 record.patch_size // 2)
         floor_seconds = load_seconds + forward_seconds
         window_seconds, total_windows = time_windows(paths[0], model, record.bin_factor, device, n_windows)
 
     print(f"pick            {1 / pick_seconds:8.3f} micrographs/s  ({pick_seconds:.3f} s each, "
           f"{summary.total_picks} picks from a random network)")
     print(f"floor           {1 / floor_seconds:8.3f} micrographs/s  ({floor_seconds:.3f} s = {load_seconds:.3f} s "
-          f"read + preprocess + {forward_seconds:.3f} s backbone forward, one after the other)")
+          f"read + preprocess + {forward_seconds:.3f} s backbone forward over the padded image, one after the other)")
+    print(f"context cost    {forward_seconds / bare_seconds:8.2f}×  (forward over the image padded by "
+          f"{record.patch_size // 2} + {context_pad(model, record.patch_size)} px vs the bare binned image)")
     print(f"window-by-window{1 / window_seconds:8.3f} micrographs/s  ({window_seconds:.1f} s: {total_windows} "
           f"windows, extrapolated from {min(n_windows, total_windows)})")
     print(f"pick / floor    {pick_seconds / floor_seconds:8.2f}×  (time; below 1 when background loading "

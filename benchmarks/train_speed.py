@@ -3,7 +3,7 @@
 Not a test: prints figures. Patches: "full" = sample a P:U batch from the in-memory dataset, weak + strong
 augmentation on the training device, student forward (P weak, U weak, U strong), EMA-teacher forward,
 all loss terms, backward, optimizer step, EMA update. Dense (the default mode): "full" = cut a batch of
-crops with their target maps from in-memory micrographs (``cryopick.crops.CropSampler``), strong view,
+crops (with the backbone's context) and their target maps from in-memory micrographs (``cryopick.crops.CropSampler``), strong view,
 student forward (weak + strong maps), teacher forward, loss, backward, step, EMA. "Pre-made" = the same step
 on fixed tensors. Their ratio is the data + augmentation overhead (goal ≤ 1.1). Samples = patches or crops.
 
@@ -25,6 +25,7 @@ from cryopick.crops import CropSampler, crop_sources
 from cryopick.data import PUBatchSampler, batch_composition
 from cryopick.device import autocast_factory, resolve_device, to_input
 from cryopick.ema import EMATeacher
+from cryopick.inference import context_pad
 from cryopick.model import PatchClassifier
 from cryopick.trainstep import dense_step_loss, make_optimizer, make_views, optimisation_step, step_loss
 
@@ -79,12 +80,15 @@ def run(backbone: str, device: torch.device, steps: int, batch: int, amp: bool, 
 
 
 def _dense_steps(cfg, fwd, teacher, opt, model, device, channels_last, autocast, gen, n_p, n_u, steps):
-    """(full, pre-made) dense training steps on four random 2048² micrographs with 170 labels each."""
+    """(full, pre-made) dense training steps on four random 2048² micrographs with 170 labels each; crops carry
+    the backbone's context, as train gives them (ResNet-18: 128 + 2·248 px)."""
+    context = context_pad(model, 128)
     g = torch.Generator().manual_seed(0)
     mics = [{"name": f"m{i}", "binned": torch.randn(2048, 2048, generator=g).half(),
              "scales": torch.ones(2, dtype=torch.float64), "shape": torch.tensor([2048, 2048]),
              "labels": torch.rand(170, 2, generator=g) * 2048} for i in range(4)]
-    sampler = CropSampler(crop_sources(mics, 64), 128, 8, 8.0, n_p, n_u, seed=0, steps_per_epoch=steps * 4)
+    sampler = CropSampler(crop_sources(mics, 64 + context), 128, 8, 8.0, n_p, n_u, seed=0, steps_per_epoch=steps * 4,
+                          margin=context)
     batches = (b for epoch in itertools.count() for b in sampler.epoch(epoch))
 
     def full_step():

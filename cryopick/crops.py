@@ -98,9 +98,9 @@ class CropSampler:
     """Batches of (crops ``(B, C + 2m, C + 2m)`` float16, targets ``(B, C/OS, C/OS)`` bool) from the crop sources.
 
     With a ``margin`` m the network sees m px of micrograph around each C×C crop and its targets cover the
-    central C×C only (the map's central C/OS samples), so every trained sample has real context at least m px
-    beyond the crop: for backbones whose receptive field exceeds the patch, training then differs from pick
-    only in what lies further than m px outside the crop.
+    central C×C only (the map's central C/OS samples). With pick's context (``cryopick.inference.context_pad``:
+    half the receptive field for backbones that see more than a patch) every trained sample sees exactly the
+    input its map sample sees in pick, reflected edges included: train = pick for every backbone.
 
     The crops of an epoch depend only on (seed, epoch, rank), so a resumed run regenerates the same steps;
     under DDP each rank draws its own crops.

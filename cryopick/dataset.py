@@ -47,12 +47,24 @@ def fits_edge_padding(binned_shape: tuple[int, ...], patch_size: int) -> bool:
 
 def reflect_pad(binned: torch.Tensor, pad: int) -> torch.Tensor:
     """Micrograph(s) ``(…, H, W)`` padded by ``pad`` px on each side by reflection without edge repeat
-    (numpy's ``mode="reflect"``): what patches at an edge see, in extract and in pick."""
-    if min(binned.shape[-2:]) <= pad:
-        raise CryopickError(f"binned micrograph {tuple(binned.shape[-2:])} is too small for {pad} px of padding")
-    flat = binned.reshape(-1, 1, *binned.shape[-2:])  # F.pad's reflect mode wants (N, C, H, W)
-    padded = F.pad(flat, (pad, pad, pad, pad), mode="reflect")
-    return padded.reshape(*binned.shape[:-2], *padded.shape[-2:])
+    (numpy's ``mode="reflect"``, repeated when ``pad`` exceeds the image): what patches at an edge see, in
+    extract, in dense training and in pick."""
+    height, width = binned.shape[-2:]
+    if min(height, width) < 2:
+        raise CryopickError(f"binned micrograph {(height, width)} is too small to be padded by reflection")
+    if pad < min(height, width):
+        flat = binned.reshape(-1, 1, height, width)  # F.pad's reflect mode wants (N, C, H, W)
+        padded = F.pad(flat, (pad, pad, pad, pad), mode="reflect")
+        return padded.reshape(*binned.shape[:-2], *padded.shape[-2:])
+    rows, cols = _reflected_indices(height, pad, binned.device), _reflected_indices(width, pad, binned.device)
+    return binned.index_select(-2, rows).index_select(-1, cols)
+
+
+def _reflected_indices(size: int, pad: int, device: torch.device) -> torch.Tensor:
+    """Source index of every padded position: a triangle wave of period 2·(size − 1), as numpy reflects."""
+    period = 2 * (size - 1)
+    phase = torch.arange(-pad, size + pad, device=device) % period
+    return torch.where(phase < size, phase, period - phase)
 
 
 def crop_patches(padded: np.ndarray, centres_binned: np.ndarray, patch_size: int) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 Map sample ``(i, j)`` of a micrograph reflect-padded by ``pad`` binned px is the logit of the patch centred on
 binned pixel ``(i·OS − pad, j·OS − pad)`` (OS: the network's output stride), i.e. original pixel
-``x = (j·OS − pad)·sx``. ``cryopick.pick`` orchestrates; peaks of the maps are found by ``cryopick.nms``.
+``x = (j·OS − pad)·sx``. Backbones that see more than a patch get ``context_pad`` more px of reflection,
+whose samples are dropped again: every kept sample sees micrograph, never the network's zero padding, exactly
+as dense training's crops do (``cryopick.crops``). ``cryopick.pick`` orchestrates; peaks of the maps are found by ``cryopick.nms``.
 """
 
 from __future__ import annotations
@@ -80,6 +82,18 @@ def tile_margin(model: PatchClassifier) -> int:
     return stride * math.ceil(half / stride)
 
 
+def context_pad(model: PatchClassifier, patch_size: int) -> int:
+    """Reflection beyond half a patch that pick and dense training give every map sample: none when a sample
+    sees at most a patch (ResNet-8), else the tile margin (half the receptive field, on the stride grid)."""
+    return 0 if receptive_field(model) <= patch_size else tile_margin(model)
+
+
+def without_context(maps: torch.Tensor, context: int, stride: int) -> torch.Tensor:
+    """Maps ``(N, H', W')`` of an input padded ``context`` px more than the geometry's pad, cut back to it."""
+    k = context // stride
+    return maps[:, k: maps.shape[1] - k, k: maps.shape[2] - k] if k else maps
+
+
 # ---------------------------------------------------------------------------------------------
 # dense scoring
 
@@ -115,10 +129,13 @@ def tiled_score_map(model: PatchClassifier, padded: torch.Tensor, tile_size: int
 
 
 def dense_score_map(model: PatchClassifier, binned: torch.Tensor, pad: int, tile_size: int = 1 << 30,
-                    margin: int | None = None) -> torch.Tensor:
-    """Logit maps ``(N, H', W')`` of binned micrographs ``(N, H, W)`` (see ``MapGeometry``)."""
-    padded = reflect_pad(binned[:, None], pad)
-    return tiled_score_map(model, padded, tile_size, tile_margin(model) if margin is None else margin)
+                    margin: int | None = None, context: int | None = None) -> torch.Tensor:
+    """Logit maps ``(N, H', W')`` of binned micrographs ``(N, H, W)`` (see ``MapGeometry``); ``context``: extra
+    reflection (default: pick's, ``context_pad`` of a patch of ``2·pad``)."""
+    context = context_pad(model, 2 * pad) if context is None else context
+    padded = reflect_pad(binned[:, None], pad + context)
+    maps = tiled_score_map(model, padded, tile_size, tile_margin(model) if margin is None else margin)
+    return without_context(maps, context, model.output_stride)
 
 
 class DenseScorer:
@@ -131,6 +148,7 @@ class DenseScorer:
         self.pad = pad
         self.tile_size = tile_size
         self.margin = tile_margin(model)
+        self.context = context_pad(model, 2 * pad)
         self.amp = amp and self.cuda
         self.autocast = autocast_factory(self.amp)
 
@@ -140,7 +158,7 @@ class DenseScorer:
 
     @torch.inference_mode()
     def __call__(self, binned: torch.Tensor) -> np.ndarray:
-        x = reflect_pad(binned[:, None].to(self.device, non_blocking=True), self.pad)
+        x = reflect_pad(binned[:, None].to(self.device, non_blocking=True), self.pad + self.context)
         x = channels_last(x, self.cuda)
         try:
             with self.autocast():
@@ -150,7 +168,7 @@ class DenseScorer:
                 f"out of GPU memory scoring {tuple(binned.shape)} binned micrographs; "
                 "lower batch_size or tile_size"
             ) from None
-        return maps.float().cpu().numpy()
+        return without_context(maps, self.context, self.model.output_stride).float().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------

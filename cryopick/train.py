@@ -40,7 +40,7 @@ from cryopick.fsutil import (
     swap_in,
     write_text_atomic,
 )
-from cryopick.inference import receptive_field
+from cryopick.inference import context_pad
 from cryopick.model import PatchClassifier
 from cryopick.progress import info, progress_bar, warn
 from cryopick.report import next_steps_train, train_summary
@@ -197,12 +197,6 @@ def _on(data: SplitData, device: torch.device) -> SplitData:
     return data.to(device) if device.type == "cuda" else data
 
 
-def context_margin(model: PatchClassifier, crop_size: int) -> int:
-    """Dense training's context around each crop: none when one map sample sees less than a crop (ResNet-8),
-    half a crop otherwise (the deeper ResNets), so their trained samples see real micrograph nearby."""
-    return 0 if receptive_field(model) <= crop_size else crop_size // 2
-
-
 def build_run(config: TrainConfig, exp_dir: Path, quiet: bool) -> Run:
     """Device and ranks, the dataset and its prior, the model, teacher and optimiser, the P:U sampler."""
     dist = Distributed(resolve_device(config.train.device))
@@ -225,9 +219,12 @@ def build_run(config: TrainConfig, exp_dir: Path, quiet: bool) -> Run:
         train_data = _on(select_unlabeled(dataset.train, config, quiet or not dist.main), device)
     n_p, n_u = batch_composition(config.data.batch_size, config.data.batch_ratio)
     if config.data.mode == "dense":
+        context = context_pad(model, dataset.record.patch_size)
+        if context:
+            info(f"{config.model.backbone} sees more than a patch: each {dataset.record.patch_size}-px crop carries "
+                 f"{context} binned px of context on every side, as in pick", quiet or not dist.main)
         sampler, held_out = dense_sampler(dataset.source, dataset.record.patch_size, model.output_stride, shift_px,
-                                          (n_p, n_u), config, dist.rank, dist.world,
-                                          context_margin(model, dataset.record.patch_size))
+                                          (n_p, n_u), config, dist.rank, dist.world, context)
     else:
         held_out = []
         sampler = PUBatchSampler(len(train_data.positive), len(train_data.unlabeled), n_p, n_u, config.train.seed,

@@ -32,8 +32,10 @@ def test_reflect_pad_is_numpy_reflect_for_one_image_and_a_batch():
     padded = reflect_pad(batch, 2)
     assert padded.shape == (2, 1, 8, 9)
     np.testing.assert_array_equal(padded[1, 0].numpy(), np.pad(-image.numpy(), 2, mode="reflect"))
+    for pad in (4, 9, 17):  # beyond the image: reflected again, as numpy does (pick's context for ResNet-18)
+        np.testing.assert_array_equal(reflect_pad(batch, pad)[1, 0].numpy(), np.pad(-image.numpy(), pad, mode="reflect"))
     with pytest.raises(CryopickError, match="too small"):
-        reflect_pad(image, 4)
+        reflect_pad(image[:1], 2)
 
 
 def test_edge_padding_needs_more_than_half_a_patch():

@@ -18,7 +18,7 @@ import torch
 from cryopick.checkpoint import save_checkpoint
 from cryopick.config import PickConfig, resolve
 from cryopick.errors import CryopickError
-from cryopick.inference import MapGeometry, dense_score_map, receptive_field, tile_margin
+from cryopick.inference import MapGeometry, context_pad, dense_score_map, receptive_field, tile_margin
 from cryopick.io.mrc import write_mrc
 from cryopick.io.outputs import coordinate_file_name, read_coordinate_star
 from cryopick.io.relion import write_micrographs_star
@@ -245,6 +245,52 @@ def test_dense_map_differs_from_patch_logits_for_resnet18_within_a_loose_bound(c
     assert math.isfinite(difference) and difference < 10 * spread
 
 
+def test_a_trained_resnet18_crop_is_exactly_picks_map_edges_included():
+    """Train = pick: a dense-training crop of ResNet-18 (483-px receptive field) carries pick's context, so all
+    its trained samples have the very logits pick's map has there, at the micrograph's corner (reflected
+    context) and inside it."""
+    model = randomised_bn(PatchClassifier("resnet18", dropout=0.0), seed=4)
+    context = context_pad(model, 2 * PAD)
+    assert context == 248
+    binned, sampler = _crop_sampler(context)
+    k, n = context // OS, 128 // OS
+    with torch.inference_mode():
+        dense = dense_score_map(model, binned, PAD)[0]
+        for top, left in ((context, context), (context + 48, context + 96)):  # the corner; inside (map 6, 12)
+            crop_map = model.score_map(_crop(sampler, top, left))[0]
+            i, j = (top - context) // OS, (left - context) // OS
+            torch.testing.assert_close(crop_map[k: k + n, k: k + n], dense[i: i + n, j: j + n], atol=1e-4, rtol=0)
+    assert dense.std() > 0.01
+
+
+def test_resnet8_crops_equal_picks_map_where_the_receptive_field_fits_the_crop():
+    """ResNet-8 (115 px) trains on bare 128-px crops: the crop's centre sample sees only the crop and equals pick's
+    map exactly; samples nearer the crop's border see its zero padding in training, real micrograph in pick."""
+    model = randomised_bn(PatchClassifier("resnet8", dropout=0.0), seed=4)
+    assert context_pad(model, 2 * PAD) == 0
+    binned, sampler = _crop_sampler(0)
+    with torch.inference_mode():
+        dense = dense_score_map(model, binned, PAD)[0]
+        crop_map = model.score_map(_crop(sampler, 48, 96))[0]
+    i, j = 48 // OS, 96 // OS
+    torch.testing.assert_close(crop_map[8, 8], dense[i + 8, j + 8], atol=1e-4, rtol=0)
+    assert (crop_map[0] - dense[i, j: j + 16]).abs().max() > 1e-3
+
+
+def _crop_sampler(context: int):
+    from cryopick.crops import CropSampler, crop_sources
+
+    binned = torch.randn(1, 176, 216, generator=torch.Generator().manual_seed(4)).half()
+    mic = {"name": "m", "binned": binned[0], "scales": torch.tensor([1.0, 1.0]), "labels": torch.tensor([[100.0, 90.0]])}
+    sampler = CropSampler(crop_sources([mic], PAD + context), 128, OS, 8.0, 1, 1, seed=0, margin=context)
+    return binned.float(), sampler
+
+
+def _crop(sampler, top: int, left: int) -> torch.Tensor:
+    crops, _ = sampler._cut([(0, top, left, 0)])  # one crop at (top, left) of the padded micrograph, unturned
+    return crops[:, None].float()
+
+
 def test_tiled_map_equals_untiled_map():
     torch.manual_seed(2)
     model = randomised_bn(PatchClassifier("resnet8", dropout=0.0), seed=2)
@@ -264,7 +310,7 @@ def test_tiled_map_equals_untiled_map_for_resnet18():
     binned = torch.randn(1, 120, 250)
     with torch.inference_mode():
         whole = dense_score_map(model, binned, PAD)
-        tiled = dense_score_map(model, binned, PAD, tile_size=520)
+        tiled = dense_score_map(model, binned, PAD, tile_size=800)  # 3×3 tiles of the 744×874 input (context 248)
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
 
 

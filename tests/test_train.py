@@ -200,14 +200,14 @@ def test_dense_training_holds_out_labels_and_calibrates_on_them(dataset_dir, tmp
 
 
 def test_deep_backbones_train_with_context_around_each_crop(dataset_dir, tmp_path):
-    """ResNet-18 sees 483 px per sample: its crops carry a 64-px context margin (targets on the central
-    128 px only); ResNet-8 (115 px) needs none."""
+    """ResNet-18 sees 483 px per sample: its crops carry pick's 248-px context (half the receptive field, on the
+    stride grid; targets on the central 128 px only); ResNet-8 (115 px) needs none."""
+    from cryopick.inference import context_pad
     from cryopick.model import PatchClassifier
-    from cryopick.train import context_margin
 
-    assert context_margin(PatchClassifier("resnet8"), 128) == 0
-    assert context_margin(PatchClassifier("resnet18"), 128) == 64
-    cfg = _config(dataset_dir, tmp_path, **{"model.backbone": "resnet18", "data.batch_size": 5, "train.epochs": 1,
+    assert context_pad(PatchClassifier("resnet8"), 128) == 0
+    assert context_pad(PatchClassifier("resnet18"), 128) == 248
+    cfg = _config(dataset_dir, tmp_path, **{"model.backbone": "resnet18", "data.batch_size": 2, "train.epochs": 1,
                                             "train.steps_per_epoch": 1})
     result = train(cfg, quiet=True)
     assert result.epochs_run == 1 and math.isfinite(result.history[0]["loss"])
