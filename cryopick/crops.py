@@ -100,7 +100,8 @@ class CropSampler:
     With a ``margin`` m the network sees m px of micrograph around each C×C crop and its targets cover the
     central C×C only (the map's central C/OS samples). With pick's context (``cryopick.inference.context_pad``:
     half the receptive field for backbones that see more than a patch) every trained sample sees exactly the
-    input its map sample sees in pick, reflected edges included: train = pick for every backbone.
+    input its map sample sees in pick, reflected edges included. ResNet-8 gets none: its field fits the patch,
+    so its crop's centre sample is exact and samples nearer the crop's border see the crop's zero padding.
 
     The crops of an epoch depend only on (seed, epoch, rank), so a resumed run regenerates the same steps;
     under DDP each rank draws its own crops.

@@ -4,7 +4,8 @@ Map sample ``(i, j)`` of a micrograph reflect-padded by ``pad`` binned px is the
 binned pixel ``(i·OS − pad, j·OS − pad)`` (OS: the network's output stride), i.e. original pixel
 ``x = (j·OS − pad)·sx``. Backbones that see more than a patch get ``context_pad`` more px of reflection,
 whose samples are dropped again: every kept sample sees micrograph, never the network's zero padding, exactly
-as dense training's crops do (``cryopick.crops``). ``cryopick.pick`` orchestrates; peaks of the maps are found by ``cryopick.nms``.
+as dense training's crops do (``cryopick.crops``). ``cryopick.pick`` orchestrates; peaks of the maps are
+found by ``cryopick.nms``.
 """
 
 from __future__ import annotations
@@ -129,10 +130,10 @@ def tiled_score_map(model: PatchClassifier, padded: torch.Tensor, tile_size: int
 
 
 def dense_score_map(model: PatchClassifier, binned: torch.Tensor, pad: int, tile_size: int = 1 << 30,
-                    margin: int | None = None, context: int | None = None) -> torch.Tensor:
-    """Logit maps ``(N, H', W')`` of binned micrographs ``(N, H, W)`` (see ``MapGeometry``); ``context``: extra
-    reflection (default: pick's, ``context_pad`` of a patch of ``2·pad``)."""
-    context = context_pad(model, 2 * pad) if context is None else context
+                    margin: int | None = None) -> torch.Tensor:
+    """Logit maps ``(N, H', W')`` of binned micrographs ``(N, H, W)`` (see ``MapGeometry``), with pick's context
+    (``context_pad`` of a patch of ``2·pad``)."""
+    context = context_pad(model, 2 * pad)
     padded = reflect_pad(binned[:, None], pad + context)
     maps = tiled_score_map(model, padded, tile_size, tile_margin(model) if margin is None else margin)
     return without_context(maps, context, model.output_stride)
