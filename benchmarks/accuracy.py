@@ -56,7 +56,8 @@ from cryopick.train import train
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+# CRYOPICK_DEV_DATA: where dev-shell/dev-sparse lie when ../shared is not beside the checkout (the GPU machine)
+SHARED_DATA = Path(os.environ.get("CRYOPICK_DEV_DATA") or REPO.parent / "shared" / "data")
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
 SECTION = "## Accuracy"
 TOPAZ_LABEL_RADIUS = 3  # topaz train -r default (downsampled px)

@@ -29,6 +29,9 @@ timeout 90 python3 benchmarks/train_speed.py $TS --device $DEV 2>&1 | tee "$W/tr
 
 # 2. pick speed: 4096² micrographs binned ×4, resnet18, vs floor and window-by-window   [~1.5 min]
 timeout 90 python3 benchmarks/pick_speed.py --backbone resnet18 --device $DEV $PS 2>&1 | tee "$W/pick_speed.txt"
+# 2b. the same with 8 loader threads: on a GPU node reading + preprocessing, not the forward, bounds picking   [~0.5 min]
+timeout 60 python3 benchmarks/pick_speed.py --backbone resnet18 --device $DEV $PS --workers 8 --windows 64 2>&1 \
+  | tee "$W/pick_speed_w8.txt"
 
 # 3. a short real run: simulate → extract → train resnet18 → pick → evaluate   [~3 min]
 R=$(mktemp -d)  # not under $OUT: only a few files come back from there
@@ -53,6 +56,8 @@ printf '%-44s %s\n' "train step, samples/s (mode | full | pre-made | ratio):" ""
 grep -E '^(resnet8|resnet18) ' "$W/train_speed.txt" | sed 's/^/    /'
 printf '%-44s\n' "pick (4096² bin 4, resnet18):"
 grep -E 'micrographs/s|ratio|peak|context cost|/ floor' "$W/pick_speed.txt" | sed 's/^/    /'
+printf '%-44s\n' "pick with --workers 8:"
+grep -E '^(pick|floor) ' "$W/pick_speed_w8.txt" | sed 's/^/    /'
 printf '%-44s %s s\n' "real run: train resnet18 ($TR):" "$((te - ts))"
 printf '%-44s %s\n' "real run: evaluate vs truth:" "$(cat "$W/eval.txt")"
 printf '%-44s\n' "trained resnet18, dense vs window by window:"
