@@ -127,6 +127,7 @@ ABLATION = [  # (method label, loss.consistency, model.use_ema)
     ("cryopick none (PU only)+EMA", "none", True),
     ("cryopick selective, no EMA", "selective", False),
 ]
+VARIANT_KEYS = ["selective-ema", "all-ema", "none-ema", "selective-noema"]  # --variants names of ABLATION
 
 
 @dataclass
@@ -672,6 +673,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ablation-cases", default=None,
                     help=f"comma-separated cases that also run the ablation (default: {ABLATION_CASE}; "
                          "each must be among --cases)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated ablation variants to run, from " + ", ".join(VARIANT_KEYS)
+                         + " (default: all; e.g. selective-ema alone gives the default's spread over seeds)")
     ap.add_argument("--with-count", action="store_true",
                     help="give cryopick the true particle count (--expected-particles); default: nothing but the diameter")
     ap.add_argument("--topaz-stock", action="store_true", help="also run Topaz with its stock (inflated) prior")
@@ -697,6 +701,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         sys.exit(f"unknown or missing case(s): {', '.join(unknown)}")
     ablation_cases = tuple(args.ablation_cases.split(",")) if args.ablation_cases else (ABLATION_CASE,)
+    variants = args.variants.split(",") if args.variants else VARIANT_KEYS
+    if set(variants) - set(VARIANT_KEYS):
+        sys.exit(f"unknown variant(s): {', '.join(sorted(set(variants) - set(VARIANT_KEYS)))}")
     if args.ablation_cases and set(ablation_cases) - set(names):
         sys.exit(f"--ablation-cases not among the cases: {', '.join(sorted(set(ablation_cases) - set(names)))}")
     command = ("python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
@@ -765,7 +772,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in ablation_cases and not args.skip_ablation:
             for seed in range(args.seeds):
                 for variant in ABLATION[0 if seed else 1:]:
-                    cryopick_row(case, *variant, seed=seed)
+                    if VARIANT_KEYS[ABLATION.index(variant)] in variants:
+                        cryopick_row(case, *variant, seed=seed)
     publish(finished=True)
     print("\n".join(verdicts(results, names)))
     print(f"wrote {results_md} ({(time.perf_counter() - t0) / 60:.1f} min)")

@@ -111,9 +111,9 @@ def raw_picks(run: Run, ckpt: dict, truth: dict[str, np.ndarray], radius: float)
     return np.concatenate(scores), np.concatenate(hits)
 
 
-def f1_at_half(probability: np.ndarray, hits: np.ndarray, n_truth: int) -> float:
-    """F1 of the peaks whose calibrated probability is at least 0.5 (pick's default threshold)."""
-    kept = probability >= 0.5
+def f1_at_half(probability: np.ndarray, hits: np.ndarray, n_truth: int, threshold: float = 0.5) -> float:
+    """F1 of the peaks whose calibrated probability is at least ``threshold`` (pick's default: 0.5)."""
+    kept = probability >= threshold
     return float(2 * hits[kept].sum() / (kept.sum() + n_truth))
 
 
@@ -150,10 +150,14 @@ def evaluate_run(run: Run) -> dict:
     shipped = fit_calibration(peaks, peaks[labeled], n_labels, len(held), True, None, n_known)
     row["BIC"] = f1_at_half(shipped.apply(scores), hits, n_truth)
     row["BIC count"] = shipped.particles_per_micrograph * len(held) - n_known
+    row["BIC cut"] = f1_at_half(shipped.apply(scores), hits, n_truth, shipped.best_f1_threshold)
+    row["BIC thr"] = shipped.best_f1_threshold
     row["method"] = shipped.method
     per_mic = (particles.sum() + n_known) / len(held)
     given = fit_calibration(peaks, peaks[labeled], n_labels, len(held), True, per_mic, n_known)
     row["given"] = f1_at_half(given.apply(scores), hits, n_truth)
+    row["given cut"] = f1_at_half(given.apply(scores), hits, n_truth, given.best_f1_threshold)
+    row["given thr"] = given.best_f1_threshold
     row["n peaks"] = len(peaks)
     return row
 
@@ -168,9 +172,9 @@ def main() -> None:
     runs = [r for d in args.accuracy_dir for r in accuracy_runs(Path(d))] + [demo_run(Path(d)) for d in args.demo_dir]
     runs = [r for r in runs if re.search(args.match, r.name)]
     print("| run | best F1 | F1 at 0.5: 1 bg | F1 at 0.5: BIC (shipped) | F1 at 0.5: BIC, true count | "
-          "particles est. 1 bg / BIC (true) | peaks |")
-    print("|---|---|---|---|---|---|---|")
-    ratios = {"1 bg": [], "BIC": [], "given": []}
+          "F1 at the estimated best-F1 cut: BIC / true count (cut) | particles est. 1 bg / BIC (true) | peaks |")
+    print("|---|---|---|---|---|---|---|---|")
+    ratios = {"1 bg": [], "BIC": [], "given": [], "BIC cut": [], "given cut": []}
     for run in runs:
         row = evaluate_run(run)
         for key in ratios:
@@ -179,6 +183,8 @@ def main() -> None:
         one_count = f"{row['1 bg count']:.0f}"
         print(f"| {row['run']} | {row['best']:.3f} | {one} | {row['BIC']:.3f} ({row['BIC'] / row['best']:.2f}"
               f"{', labels' if row['method'] == 'labels' else ''}) | {row['given']:.3f} ({row['given'] / row['best']:.2f}) | "
+              f"{row['BIC cut']:.3f} ({row['BIC cut'] / row['best']:.2f}, p ≥ {row['BIC thr']:.2f}) / "
+              f"{row['given cut']:.3f} ({row['given cut'] / row['best']:.2f}, p ≥ {row['given thr']:.2f}) | "
               f"{one_count} / {row['BIC count']:.0f} ({row['true']}) | {row['n peaks']} |", flush=True)
     for key, values in ratios.items():
         print(f"F1 at 0.5 / best F1, {key}: mean {np.mean(values):.3f}, min {np.min(values):.3f} over {len(values)} runs")
