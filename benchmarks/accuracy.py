@@ -127,7 +127,14 @@ ABLATION = [  # (method label, loss.consistency, model.use_ema)
     ("cryopick none (PU only)+EMA", "none", True),
     ("cryopick selective, no EMA", "selective", False),
 ]
-VARIANT_KEYS = ["selective-ema", "all-ema", "none-ema", "selective-noema"]  # --variants names of ABLATION
+
+
+def variant_key(variant: tuple[str, str, bool]) -> str:
+    """The --variants name of an ABLATION entry, e.g. selective-ema, none-ema, selective-noema."""
+    return f"{variant[1]}-{'ema' if variant[2] else 'noema'}"
+
+
+VARIANT_KEYS = [variant_key(v) for v in ABLATION]
 
 
 @dataclass
@@ -772,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in ablation_cases and not args.skip_ablation:
             for seed in range(args.seeds):
                 for variant in ABLATION[0 if seed else 1:]:
-                    if VARIANT_KEYS[ABLATION.index(variant)] in variants:
+                    if variant_key(variant) in variants:
                         cryopick_row(case, *variant, seed=seed)
     publish(finished=True)
     print("\n".join(verdicts(results, names)))
