@@ -9,6 +9,10 @@ calibrated 0.5 is scored against the full truth within D/2 for:
 - ``BIC, true count``: the same mixture given the true count (``train --expected-particles``);
 
 next to the best F1 over all thresholds, and the estimated particles per calibration set against the truth.
+A second table scores cuts that do not read the shipped posterior at 0.5: 0.5 of mixtures with one, then two background
+components tried in turn (or two alone) instead of BIC's choice; the **count-matching cut** (the raw score
+above which the calibration peaks number the particles: the estimated count, the calibration set's true
+count, or the whole data set's mean count per micrograph, as a user would give it) and fixed calibrated cuts.
 Runs come from ``benchmarks/accuracy.py --out DIR`` work directories and ``cryopick demo`` directories:
 
     python benchmarks/calibration.py --accuracy-dir /tmp/acc --demo-dir /tmp/demo
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from cryopick.calibrate import (
+    MAX_COUNT_RATIO,
     clipped_logit,
     estimate_particle_count,
     fit_calibration,
@@ -161,7 +166,45 @@ def evaluate_run(run: Run) -> dict:
     row["given cut"] = f1_at(calibrated, hits, n_truth, given.best_f1_threshold)
     row["given thr"] = given.best_f1_threshold
     row["n peaks"] = len(peaks)
+    mean_per_mic = n_truth / len(truth)
+    for key, count in (("cut est", row["BIC count"]), ("cut true", float(particles.sum())),
+                       ("cut mean", mean_per_mic * len(held) - n_known)):
+        row[key] = f1_at(scores, hits, n_truth, count_matching_cut(peaks, count))
+    row["given mean"] = f1_at(fit_calibration(peaks, peaks[labeled], n_labels, len(held), True, mean_per_mic,
+                                              n_known).apply(scores), hits, n_truth)
+    for key, order in ALTERNATIVE_ORDERS.items():
+        knots, values, row[f"{key} count"], row[f"{key} method"] = first_valid_mixture(
+            peaks, peaks[labeled], n_labels, order)
+        row[key] = f1_at(np.interp(clipped_logit(scores), knots, values), hits, n_truth)
+    shipped_scores = shipped.apply(scores)
+    for cut in FIXED_CUTS:
+        row[f"p {cut}"] = f1_at(shipped_scores, hits, n_truth, cut)
     return row
+
+
+FIXED_CUTS = (0.3, 0.4)
+# background-component counts tried in turn (the first whose mixture passes calibrate's checks wins), against
+# the shipped BIC choice between one and two
+ALTERNATIVE_ORDERS = {"1 then 2 bg": ((1,), (2,)), "2 bg": ((2,),)}
+
+
+def first_valid_mixture(peaks: np.ndarray, labels: np.ndarray, n_labels: int,
+                        order: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, np.ndarray, float, str]:
+    """(knots, posterior, count, method) of the first mixture in ``order`` that calibrate would accept (a
+    population of its own, the labels inside it, a count at most MAX_COUNT_RATIO × the labels'), else the
+    labels' recall, as ``fit_calibration`` falls back."""
+    by_labels = estimate_particle_count(peaks, labels, n_labels)
+    for components in order:
+        fitted = mixture_posterior(peaks, labels, background_components=components)
+        if fitted is not None and fitted[2] <= MAX_COUNT_RATIO * by_labels:
+            return *fitted, f"{components[0]} bg"
+    return *posterior_table(peaks, labels, n_labels, by_labels), by_labels, "labels"
+
+
+def count_matching_cut(peaks: np.ndarray, count: float) -> float:
+    """The raw score of the ``count``-th highest peak: the cut that keeps as many peaks as particles."""
+    ordered = np.sort(np.asarray(peaks, dtype=np.float64))[::-1]
+    return float(ordered[int(np.clip(round(count), 1, len(ordered))) - 1])
 
 
 def main() -> None:
@@ -177,8 +220,10 @@ def main() -> None:
           "F1 at the estimated best-F1 cut: BIC / true count (cut) | particles est. 1 bg / BIC (true) | peaks |")
     print("|---|---|---|---|---|---|---|---|")
     ratios = {"1 bg": [], "BIC": [], "given": [], "BIC cut": [], "given cut": []}
+    rows = []
     for run in runs:
         row = evaluate_run(run)
+        rows.append(row)
         for key in ratios:
             ratios[key].append(row[key] / row["best"])
         one = f"{row['1 bg']:.3f} ({row['1 bg'] / row['best']:.2f})"
@@ -190,6 +235,26 @@ def main() -> None:
               f"{one_count} / {row['BIC count']:.0f} ({row['true']}) | {row['n peaks']} |", flush=True)
     for key, values in ratios.items():
         print(f"F1 / best F1, {key}: mean {np.mean(values):.3f}, min {np.min(values):.3f} over {len(values)} runs")
+    print_cut_table(rows)
+
+
+CUT_COLUMNS = {"BIC": "calibrated 0.5", "1 then 2 bg": "0.5, 1 bg then 2 bg", "2 bg": "0.5, 2 bg", "cut est": "count cut, estimated count",
+               "cut true": "count cut, true count", "given mean": "0.5 given the mean count",
+               "cut mean": "count cut, mean count", **{f"p {c}": f"calibrated {c}" for c in FIXED_CUTS}}
+
+
+def print_cut_table(rows: list[dict]) -> None:
+    """F1 / best F1 of every run at each cut, and how many runs reach 0.95 of their best F1."""
+    print()
+    print("| run | " + " | ".join(CUT_COLUMNS.values()) + " |")
+    print("|---|" + "---|" * len(CUT_COLUMNS))
+    for row in rows:
+        print(f"| {row['run']} | " + " | ".join(f"{row[k] / row['best']:.2f}" for k in CUT_COLUMNS) + " |")
+    summary = []
+    for key in CUT_COLUMNS:
+        ratios = np.array([row[key] / row["best"] for row in rows])
+        summary.append(f"{ratios.mean():.3f} / {ratios.min():.2f} / {(ratios >= 0.95).sum()} of {len(ratios)}")
+    print("| mean / min / runs ≥ 0.95 | " + " | ".join(summary) + " |", flush=True)
 
 
 if __name__ == "__main__":

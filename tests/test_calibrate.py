@@ -122,20 +122,38 @@ def test_synthetic_mixture_recovers_count_and_posterior():
 
 
 def test_flat_topped_background_gets_a_second_component():
-    """Background peaks with a sharp upper edge: one Gaussian's tail swallows the particles; BIC adds a
-    second background component and the count comes back near the truth."""
-    from cryopick.calibrate import Mixture, fit_gaussians, fit_peak_mixture
+    """Background peaks with a sharp upper edge: one Gaussian cannot follow them, and its "particles" take in
+    the background's top (more than half the peaks: rejected); the two-Gaussian background is kept, and the
+    count comes back near the truth."""
+    from cryopick.calibrate import fit_peak_mixture, mixture_posterior
 
     rng = np.random.default_rng(3)
     z_p = rng.normal(5.5, 1.5, 250)
     z = np.concatenate([z_p, rng.uniform(-8, 2, 2000) + rng.normal(0, 0.5, 2000)])
-    one_background = Mixture(*fit_gaussians(z, 2)[:3]).posterior(z).sum()
-    mixture = fit_peak_mixture(z)
-    assert len(mixture.weights) == 3 and mixture.means[-1] == pytest.approx(5.5, abs=0.6)
-    assert 0.75 * 250 < mixture.posterior(z).sum() < 1.2 * 250
-    assert abs(one_background - 250) > 2 * abs(mixture.posterior(z).sum() - 250)
-    cal = fit_calibration(expit(z), expit(rng.choice(z_p, 30)), 30, n_micrographs=5, held_out=True)
+    one, two = fit_peak_mixture(z, 1).posterior(z).sum(), fit_peak_mixture(z, 2).posterior(z).sum()
+    assert one > 0.5 * len(z) and 0.75 * 250 < two < 1.2 * 250
+    assert fit_peak_mixture(z, 2).means[-1] == pytest.approx(5.5, abs=0.6)
+    labels = expit(rng.choice(z_p, 30))
+    assert mixture_posterior(expit(z), labels)[2] == pytest.approx(two, rel=0.02)
+    assert mixture_posterior(expit(z), labels, background_components=(1,)) is None
+    cal = fit_calibration(expit(z), labels, 30, n_micrographs=5, held_out=True)
     assert cal.method == "mixture" and 0.75 * 50 < cal.particles_per_micrograph < 1.2 * 50
+
+
+def test_a_second_background_component_that_takes_particles_is_not_kept():
+    """Particles with a lower tail (cut by an edge, touching a neighbour) above a Gaussian background: a second
+    background Gaussian takes that tail and under-counts; the one-Gaussian background counts them, and the
+    larger count wins (BIC, judging the fit, had kept the second component on such blob models)."""
+    from cryopick.calibrate import fit_peak_mixture, mixture_posterior
+
+    rng = np.random.default_rng(5)
+    z_p = np.concatenate([rng.normal(5.2, 0.7, 220), rng.uniform(-2, 4, 40)])  # 260 particles, 40 in the tail
+    z = np.concatenate([z_p, rng.normal(-6.4, 1.3, 1500)])
+    labels = expit(rng.choice(z_p[:220], 12))
+    one, two = fit_peak_mixture(z, 1).posterior(z).sum(), fit_peak_mixture(z, 2).posterior(z).sum()
+    assert two < one
+    knots, values, count = mixture_posterior(expit(z), labels)
+    assert count == pytest.approx(max(one, two), rel=0.02) and abs(count - 260) < abs(two - 260)
 
 
 def test_a_given_count_keeps_the_mixtures_likelihood_ratio():
@@ -151,7 +169,7 @@ def test_a_given_count_keeps_the_mixtures_likelihood_ratio():
     _, fewer, _ = mixture_posterior(peaks, labels, n_particles=200.0)
     assert n == 600.0 and np.interp(z, knots, more).sum() == pytest.approx(600, rel=0.02)
     assert np.all(more >= fewer) and np.all(np.diff(more) >= 0)
-    assert len(fit_peak_mixture(z).weights) == 2  # Gaussian background: BIC keeps one component
+    assert len(fit_peak_mixture(z, 1).weights) == 2
     # the log-odds shift is the same everywhere: a new prior, the same likelihood ratio
     mid = (estimated[1] > 0.05) & (estimated[1] < 0.95) & (more > 0.05) & (more < 0.95)
     shift = logit(more[mid]) - logit(estimated[1][mid])
