@@ -5,14 +5,16 @@ labeled micrographs, training labels set aside), every micrograph is picked with
 calibrated 0.5 is scored against the full truth within D/2 for:
 
 - ``1 bg``: particles vs one background Gaussian (the calibration before 2026-11-29);
-- ``BIC``: one or two background Gaussians, whichever BIC prefers (shipped);
-- ``BIC, true count``: the same mixture given the true count (``train --expected-particles``);
+- ``shipped``: ``fit_calibration`` as ``train`` runs it (since 2026-12-04: of the mixtures with one and with two
+  background Gaussians that pass its checks, the one counting more particles);
+- ``shipped, true count``: the same given the true count (``train --expected-particles``);
 
 next to the best F1 over all thresholds, and the estimated particles per calibration set against the truth.
-A second table scores cuts that do not read the shipped posterior at 0.5: 0.5 of mixtures with one, then two background
-components tried in turn (or two alone) instead of BIC's choice; the **count-matching cut** (the raw score
-above which the calibration peaks number the particles: the estimated count, the calibration set's true
-count, or the whole data set's mean count per micrograph, as a user would give it) and fixed calibrated cuts.
+A second table scores other rules and cuts: 0.5 with BIC's choice of one or two background Gaussians (the
+calibration from 2026-11-29 to 2026-12-04), with one then two tried in turn, or two alone; the
+**count-matching cut** (the raw score above which the calibration peaks number the particles: the estimated
+count, the calibration set's true count, or the whole data set's mean count per micrograph, as a user would
+give it) and fixed calibrated cuts.
 Runs come from ``benchmarks/accuracy.py --out DIR`` work directories and ``cryopick demo`` directories:
 
     python benchmarks/calibration.py --accuracy-dir /tmp/acc --demo-dir /tmp/demo
@@ -34,6 +36,7 @@ from cryopick.calibrate import (
     clipped_logit,
     estimate_particle_count,
     fit_calibration,
+    fit_gaussians,
     mixture_posterior,
     posterior_table,
 )
@@ -154,10 +157,10 @@ def evaluate_run(run: Run) -> dict:
     row["1 bg"] = f1_at(np.interp(clipped_logit(scores), knots, values), hits, n_truth)
     shipped = fit_calibration(peaks, peaks[labeled], n_labels, len(held), True, None, n_known)
     calibrated = shipped.apply(scores)
-    row["BIC"] = f1_at(calibrated, hits, n_truth)
-    row["BIC count"] = shipped.particles_per_micrograph * len(held) - n_known
-    row["BIC cut"] = f1_at(calibrated, hits, n_truth, shipped.best_f1_threshold)
-    row["BIC thr"] = shipped.best_f1_threshold
+    row["shipped"] = f1_at(calibrated, hits, n_truth)
+    row["shipped count"] = shipped.particles_per_micrograph * len(held) - n_known
+    row["shipped cut"] = f1_at(calibrated, hits, n_truth, shipped.best_f1_threshold)
+    row["shipped thr"] = shipped.best_f1_threshold
     row["method"] = shipped.method
     per_mic = (particles.sum() + n_known) / len(held)
     given = fit_calibration(peaks, peaks[labeled], n_labels, len(held), True, per_mic, n_known)
@@ -167,12 +170,12 @@ def evaluate_run(run: Run) -> dict:
     row["given thr"] = given.best_f1_threshold
     row["n peaks"] = len(peaks)
     mean_per_mic = n_truth / len(truth)
-    for key, count in (("cut est", row["BIC count"]), ("cut true", float(particles.sum())),
+    for key, count in (("cut est", row["shipped count"]), ("cut true", float(particles.sum())),
                        ("cut mean", mean_per_mic * len(held) - n_known)):
         row[key] = f1_at(scores, hits, n_truth, count_matching_cut(peaks, count))
     row["given mean"] = f1_at(fit_calibration(peaks, peaks[labeled], n_labels, len(held), True, mean_per_mic,
                                               n_known).apply(scores), hits, n_truth)
-    for key, order in ALTERNATIVE_ORDERS.items():
+    for key, order in {**ALTERNATIVE_ORDERS, "BIC": bic_order(peaks)}.items():
         knots, values, row[f"{key} count"], row[f"{key} method"] = first_valid_mixture(
             peaks, peaks[labeled], n_labels, order)
         row[key] = f1_at(np.interp(clipped_logit(scores), knots, values), hits, n_truth)
@@ -184,8 +187,15 @@ def evaluate_run(run: Run) -> dict:
 
 FIXED_CUTS = (0.3, 0.4)
 # background-component counts tried in turn (the first whose mixture passes calibrate's checks wins), against
-# the shipped BIC choice between one and two
+# the shipped rule (of the mixtures that pass, the one counting more particles)
 ALTERNATIVE_ORDERS = {"1 then 2 bg": ((1,), (2,)), "2 bg": ((2,),)}
+
+
+def bic_order(peaks: np.ndarray) -> tuple[tuple[int, ...], ...]:
+    """The calibration until 2026-12-04: one or two background Gaussians, whichever BIC prefers, and no other."""
+    z = clipped_logit(peaks)
+    bic = {b: (3 * (1 + b) - 1) * np.log(len(z)) - 2 * fit_gaussians(z, 1 + b)[3] for b in (1, 2)}
+    return ((min(bic, key=bic.get),),)
 
 
 def first_valid_mixture(peaks: np.ndarray, labels: np.ndarray, n_labels: int,
@@ -216,10 +226,10 @@ def main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     runs = [r for d in args.accuracy_dir for r in accuracy_runs(Path(d))] + [demo_run(Path(d)) for d in args.demo_dir]
     runs = [r for r in runs if re.search(args.match, r.name)]
-    print("| run | best F1 | F1 at 0.5: 1 bg | F1 at 0.5: BIC (shipped) | F1 at 0.5: BIC, true count | "
-          "F1 at the estimated best-F1 cut: BIC / true count (cut) | particles est. 1 bg / BIC (true) | peaks |")
+    print("| run | best F1 | F1 at 0.5: 1 bg | F1 at 0.5: shipped | F1 at 0.5: shipped, true count | "
+          "F1 at the estimated best-F1 cut: shipped / true count (cut) | particles est. 1 bg / shipped (true) | peaks |")
     print("|---|---|---|---|---|---|---|---|")
-    ratios = {"1 bg": [], "BIC": [], "given": [], "BIC cut": [], "given cut": []}
+    ratios = {"1 bg": [], "shipped": [], "given": [], "shipped cut": [], "given cut": []}
     rows = []
     for run in runs:
         row = evaluate_run(run)
@@ -228,17 +238,18 @@ def main() -> None:
             ratios[key].append(row[key] / row["best"])
         one = f"{row['1 bg']:.3f} ({row['1 bg'] / row['best']:.2f})"
         one_count = f"{row['1 bg count']:.0f}"
-        print(f"| {row['run']} | {row['best']:.3f} | {one} | {row['BIC']:.3f} ({row['BIC'] / row['best']:.2f}"
+        print(f"| {row['run']} | {row['best']:.3f} | {one} | {row['shipped']:.3f} ({row['shipped'] / row['best']:.2f}"
               f"{', labels' if row['method'] == 'labels' else ''}) | {row['given']:.3f} ({row['given'] / row['best']:.2f}) | "
-              f"{row['BIC cut']:.3f} ({row['BIC cut'] / row['best']:.2f}, p ≥ {row['BIC thr']:.2f}) / "
+              f"{row['shipped cut']:.3f} ({row['shipped cut'] / row['best']:.2f}, p ≥ {row['shipped thr']:.2f}) / "
               f"{row['given cut']:.3f} ({row['given cut'] / row['best']:.2f}, p ≥ {row['given thr']:.2f}) | "
-              f"{one_count} / {row['BIC count']:.0f} ({row['true']}) | {row['n peaks']} |", flush=True)
+              f"{one_count} / {row['shipped count']:.0f} ({row['true']}) | {row['n peaks']} |", flush=True)
     for key, values in ratios.items():
         print(f"F1 / best F1, {key}: mean {np.mean(values):.3f}, min {np.min(values):.3f} over {len(values)} runs")
     print_cut_table(rows)
 
 
-CUT_COLUMNS = {"BIC": "calibrated 0.5", "1 then 2 bg": "0.5, 1 bg then 2 bg", "2 bg": "0.5, 2 bg", "cut est": "count cut, estimated count",
+CUT_COLUMNS = {"shipped": "calibrated 0.5 (shipped)", "BIC": "0.5, BIC's choice (until 2026-12-04)",
+               "1 then 2 bg": "0.5, 1 bg then 2 bg", "2 bg": "0.5, 2 bg", "cut est": "count cut, estimated count",
                "cut true": "count cut, true count", "given mean": "0.5 given the mean count",
                "cut mean": "count cut, mean count", **{f"p {c}": f"calibrated {c}" for c in FIXED_CUTS}}
 
