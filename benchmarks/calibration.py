@@ -156,10 +156,10 @@ def evaluate_run(run: Run) -> dict:
     knots, values, row["1 bg count"] = one
     row["1 bg"] = f1_at(np.interp(clipped_logit(scores), knots, values), hits, n_truth)
     shipped = fit_calibration(peaks, peaks[labeled], n_labels, len(held), True, None, n_known)
-    calibrated = shipped.apply(scores)
-    row["shipped"] = f1_at(calibrated, hits, n_truth)
+    shipped_scores = shipped.apply(scores)
+    row["shipped"] = f1_at(shipped_scores, hits, n_truth)
     row["shipped count"] = shipped.particles_per_micrograph * len(held) - n_known
-    row["shipped cut"] = f1_at(calibrated, hits, n_truth, shipped.best_f1_threshold)
+    row["shipped cut"] = f1_at(shipped_scores, hits, n_truth, shipped.best_f1_threshold)
     row["shipped thr"] = shipped.best_f1_threshold
     row["method"] = shipped.method
     per_mic = (particles.sum() + n_known) / len(held)
@@ -179,7 +179,6 @@ def evaluate_run(run: Run) -> dict:
         knots, values, row[f"{key} count"], row[f"{key} method"] = first_valid_mixture(
             peaks, peaks[labeled], n_labels, order)
         row[key] = f1_at(np.interp(clipped_logit(scores), knots, values), hits, n_truth)
-    shipped_scores = shipped.apply(scores)
     for cut in FIXED_CUTS:
         row[f"p {cut}"] = f1_at(shipped_scores, hits, n_truth, cut)
     return row
@@ -205,8 +204,9 @@ def first_valid_mixture(peaks: np.ndarray, labels: np.ndarray, n_labels: int,
     labels' recall, as ``fit_calibration`` falls back."""
     by_labels = estimate_particle_count(peaks, labels, n_labels)
     for components in order:
-        fitted = mixture_posterior(peaks, labels, background_components=components)
-        if fitted is not None and fitted[2] <= MAX_COUNT_RATIO * by_labels:
+        fitted = mixture_posterior(peaks, labels, background_components=components,
+                                   max_count=MAX_COUNT_RATIO * by_labels)
+        if fitted is not None:
             return *fitted, f"{components[0]} bg"
     return *posterior_table(peaks, labels, n_labels, by_labels), by_labels, "labels"
 
