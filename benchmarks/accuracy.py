@@ -44,7 +44,7 @@ from typing import Callable
 
 import numpy as np
 
-from cryopick.config import ExtractConfig, PickConfig, TrainConfig, resolve
+from cryopick.config import DEFAULT_THRESHOLD, ExtractConfig, PickConfig, TrainConfig, resolve
 from cryopick.evaluate import evaluate
 from cryopick.extract import extract
 from cryopick.fsutil import write_json_atomic, write_text_atomic
@@ -327,9 +327,10 @@ def cryopick_extract(case: PreparedCase, data_dir: Path, clock: Clock) -> None:
 
 def run_cryopick(case: PreparedCase, profile: Profile, work: Path, method: str, consistency: str, use_ema: bool,
                  extract_clock: Clock | None = None, balanced_prior: float | None = None, seed: int = 0,
-                 with_count: bool = False) -> tuple[Result, Clock]:
-    """Extract (unless given its clock: the dataset is shared), train, pick at threshold 0, score at 0.5."""
-    result = Result(case.name, method, budget=profile.cryopick_budget(), default_threshold="p=0.5")
+                 with_count: bool = False, threshold: float = DEFAULT_THRESHOLD) -> tuple[Result, Clock]:
+    """Extract (unless given its clock: the dataset is shared), train, pick at threshold 0, score at
+    ``threshold`` (pick's default unless given)."""
+    result = Result(case.name, method, budget=profile.cryopick_budget(), default_threshold=f"p={threshold:g}")
     case_dir = work / case.name / "cryopick"
     data_dir = case_dir / "dataset"
     if extract_clock is None:
@@ -352,7 +353,7 @@ def run_cryopick(case: PreparedCase, profile: Profile, work: Path, method: str, 
     result.note = (f"best epoch {trained.best_epoch + 1}/{trained.epochs_run}; seed {seed}; "
                    f"{'given the true count' if with_count else 'no count'}; labels {counts['train']['positive']} "
                    f"+ {counts['val']['positive']} (extract's train + val)")
-    return score(result, case, picks_dir, 0.5), extract_clock
+    return score(result, case, picks_dir, threshold), extract_clock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +459,7 @@ class Topaz:
 
 
 def topaz_result(case: PreparedCase, method: str, budget: str, picks: Path, clock: Clock, note: str) -> Result:
-    # Topaz's score is a logit: its natural default is 0 (p = 0.5), the same cut as cryopick's p = 0.5
+    # Topaz's score is a logit: its natural default is 0 (p = 0.5)
     result = Result(case.name, method, budget=budget, default_threshold="logit 0", note=note,
                     wall_s=clock.wall, cpu_s=clock.cpu)
     return score(result, case, picks, 0.0)
@@ -561,7 +562,7 @@ def verdicts(results: list[Result], cases: list[str]) -> list[str]:
             if ours is None:
                 continue
             ratio = ours.f1 / ours.best_f1 if ours.best_f1 else math.nan
-            calib = (f"F1 at 0.5 {ours.f1:.3f} = {ratio:.2f} × best F1 {ours.best_f1:.3f} "
+            calib = (f"F1 at {ours.default_threshold} {ours.f1:.3f} = {ratio:.2f} × best F1 {ours.best_f1:.3f} "
                      f"({'met' if ratio >= 0.95 else '**missed**'}: goal ≥ 0.95)")
             theirs = best_topaz(results, case)
             if theirs is None:
@@ -580,7 +581,7 @@ def verdicts(results: list[Result], cases: list[str]) -> list[str]:
 
 
 def ablation_lines(ok: list[Result], suffix: str, case: str = ABLATION_CASE) -> list[str]:
-    """Mean ± sd of AP and F1 at 0.5 per ablation variant over its seeds (seed 0 is the head-to-head row)."""
+    """Mean ± sd of AP and F1 at the default threshold per ablation variant over its seeds (seed 0 is the head-to-head row)."""
     rows = []
     for label, _, _ in ABLATION:
         runs = [r for r in ok if r.case == case and re.fullmatch(re.escape(label + suffix) +
@@ -588,7 +589,7 @@ def ablation_lines(ok: list[Result], suffix: str, case: str = ABLATION_CASE) -> 
         if runs:
             ap, f1 = np.array([r.ap for r in runs]), np.array([r.f1 for r in runs])
             rows.append(f"{label}: AP {ap.mean():.3f} ± {ap.std(ddof=1) if len(ap) > 1 else 0:.3f}, "
-                        f"F1 at 0.5 {f1.mean():.3f} ± {f1.std(ddof=1) if len(f1) > 1 else 0:.3f} "
+                        f"F1 at {runs[0].default_threshold} {f1.mean():.3f} ± {f1.std(ddof=1) if len(f1) > 1 else 0:.3f} "
                         f"({len(runs)} seed{'s' if len(runs) > 1 else ''})")
     return [f"- ablation ({case}{suffix}): " + "; ".join(rows) + "."] if len(rows) > 1 else []
 
@@ -622,7 +623,7 @@ def render_section(results: list[Result], cases: list[PreparedCase], profile: Pr
         "How to read it: AP and best F1 rank every pick of every micrograph (labeled ones included) against the "
         "full truth with one-to-one matching within half the particle diameter (cryopick.evaluate); "
         "\"AP unlab. mics\" is the same on the micrographs that had no labels. P/R at default: cryopick at "
-        "p = 0.5, Topaz at logit 0 (its p = 0.5); best F1's threshold is in each method's own score units "
+        "its default threshold (or --threshold), Topaz at logit 0 (its p = 0.5); best F1's threshold is in each method's own score units "
         "(probability / logit). Wall and CPU seconds are end to end: cryopick extract + train + pick; Topaz "
         "preprocess + convert + train + extract (the preprocessing is counted in every Topaz row). Budgets: "
         "cryopick epochs × steps × batch (P:U 1:4); Topaz epochs × updates × minibatch, from its shipped "
@@ -686,6 +687,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--with-count", action="store_true",
                     help="give cryopick the true particle count (--expected-particles); default: nothing but the diameter")
     ap.add_argument("--topaz-stock", action="store_true", help="also run Topaz with its stock (inflated) prior")
+    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                    help=f"cryopick's cut for P/R/F1 at default (default: pick's, {DEFAULT_THRESHOLD:g}); AP and best "
+                    "F1 do not depend on it")
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished rows of OUT/results.json (same profile) and run only the missing ones")
     ap.add_argument("--results", default=None,
@@ -753,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result, extract_clocks[case.name] = run_cryopick(case, profile, work, method, consistency, use_ema,
                                                             extract_clocks.get(case.name), args.balanced_prior,
-                                                            seed, args.with_count)
+                                                            seed, args.with_count, args.threshold)
         except Exception as exc:  # a failed run is a row of the table, not the end of the benchmark
             result = Result(case.name, method, budget=profile.cryopick_budget(), error=f"{type(exc).__name__}: {exc}")
         record(result)

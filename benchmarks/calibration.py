@@ -1,4 +1,7 @@
-"""What the default threshold 0.5 is worth, calibration by calibration, on checkpoints already trained (prints a table).
+"""What calibrated cuts are worth, calibration by calibration, on checkpoints already trained (prints tables).
+
+"0.5" below is pick's default until 2026-12-06; since then it is ``DEFAULT_THRESHOLD`` (0.4, the second table's
+"calibrated 0.4" column), chosen with this script.
 
 For each trained run, the calibration peaks are found as ``train`` finds them (its held-out labels on the
 labeled micrographs, training labels set aside), every micrograph is picked with raw scores, and F1 at

@@ -2,7 +2,7 @@
 
 Not a test. For each case directory (micrographs_ctf.star, labels/, truth/, case.json with the diameter)
 it runs the chain with nothing but the diameter and a step budget, picks every peak (threshold 0), and
-scores with ``cryopick.evaluate`` (radius D/2): AP, best F1, F1 / picks at the default threshold 0.5,
+scores with ``cryopick.evaluate`` (radius D/2): AP, best F1, F1 / picks at pick's default threshold,
 wall and CPU seconds end to end. Optionally the same run given the true count (``--with-count``).
 
     python benchmarks/defaults.py CASE_DIR [CASE_DIR ...] --out /tmp/defaults [--epochs 8 --steps 40]
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from cryopick.config import ExtractConfig, PickConfig, TrainConfig, resolve
+from cryopick.config import DEFAULT_THRESHOLD, ExtractConfig, PickConfig, TrainConfig, resolve
 from cryopick.evaluate import evaluate
 from cryopick.extract import extract
 from cryopick.pick import pick
@@ -46,7 +46,7 @@ def run_case(case_dir: Path, out: Path, epochs: int, steps: int, seed: int, expe
     pick(str(case_dir / "micrographs_ctf.star"), result.exp_dir / "checkpoints" / "best.pt", picks,
          PickConfig(threshold=0.0, device="cpu", overwrite=True), quiet=True, project_dir=case_dir)
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
-    o = evaluate(picks, case_dir / "truth", radius_px, threshold=0.5).overall
+    o = evaluate(picks, case_dir / "truth", radius_px, threshold=DEFAULT_THRESHOLD).overall
     return {"case": case_dir.name, "ap": o["ap"], "best_f1": o["best_f1"], "best_threshold": o["best_threshold"],
             "f1_default": o["f1"], "precision": o["precision"], "recall": o["recall"],
             "picks_default": o["n_picks"],
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "overall"}), flush=True)
     (args.out / "defaults.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print("| case | AP | best F1 (at p) | F1 at 0.5 | P / R at 0.5 | wall s | CPU s |")
+    print(f"| case | AP | best F1 (at p) | F1 at {DEFAULT_THRESHOLD:g} | P / R at {DEFAULT_THRESHOLD:g} | wall s | CPU s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['ap']:.3f} | {r['best_f1']:.3f} ({r['best_threshold']:.3g}) | {r['f1_default']:.3f} "

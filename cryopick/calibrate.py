@@ -23,6 +23,8 @@ particle's score looks like (f_P; unmatched labels count as "never picked"), all
   the slope of its least concave majorant is a non-increasing (in rank) estimate of the posterior,
   clipped to [0, 1]. It is stored as a monotone table on logits and applied by pick, so a pick's figure of
   merit is "the probability that this peak is a particle", and 0.5 means "more likely a particle than not".
+  Pick's default cut is lower (``cryopick.config.DEFAULT_THRESHOLD``): on a posterior the F1-optimal cut is
+  half the best F1.
 
 The labels should not have trained the model (held-out micrographs), or f_P is optimistic.
 """

@@ -15,6 +15,7 @@ import torch
 
 from cryopick.calibrate import Calibration, fit_calibration
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
+from cryopick.config import DEFAULT_THRESHOLD
 from cryopick.dataset import load_labeled_micrographs
 from cryopick.errors import CryopickError
 from cryopick.fsutil import save_torch_atomic
@@ -130,8 +131,8 @@ def calibrate_best(best_path: Path, data_dir: str | Path, expected_particles: fl
              "(pick --expected-particles N prints the one giving N picks per micrograph) or retrain with "
              "--expected-particles N")
         return
-    info(f"pick calibration: {calibration.describe()}; p = 0.5 ↔ raw score "
-         f"{_fmt(calibration.raw_threshold(0.5))}", quiet)
+    info(f"pick calibration: {calibration.describe()}; pick's default p ≥ {DEFAULT_THRESHOLD} ↔ raw score "
+         f"{_fmt(calibration.raw_threshold(DEFAULT_THRESHOLD))}", quiet)
 
 
 def _fmt(value: float | None) -> str:

@@ -219,16 +219,19 @@ def train(
 
 
 @app.command(epilog="Example: cryopick pick CtfFind/job003/micrographs_ctf.star --model "
-                     "experiments/run1/checkpoints/best.pt --out External/job010/ --threshold 0.5")
+                     "experiments/run1/checkpoints/best.pt --out External/job010/")
 @user_errors
 def pick(
     micrographs: str = typer.Argument(..., help="Micrographs: a directory, a glob or a RELION micrographs STAR."),
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint from cryopick train (best.pt); it carries the "
                                "binning and normalisation, which are applied to every micrograph."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (e.g. a RELION External/jobNNN/)."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Probability (0–1) a pick must reach; it is "
-                                              "written as rlnAutopickFigureOfMerit, so you can also select later in "
-                                              "RELION." + default(PickConfig, "threshold")),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Calibrated probability (0–1) that a peak is "
+                                              "a particle a pick must reach; it is written as "
+                                              "rlnAutopickFigureOfMerit, so you can also select later in RELION. The "
+                                              "default sits near the F1-optimal cut (half the best F1); 0.5 keeps "
+                                              "only the peaks more likely particles than not."
+                                              + default(PickConfig, "threshold")),
     radius: Optional[float] = typer.Option(None, "--radius", help="NMS radius, Å (default: half the particle "
                                            "diameter given to extract)."),
     radius_px: Optional[float] = typer.Option(None, "--radius-px", help="NMS radius in original micrograph pixels "

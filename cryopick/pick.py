@@ -20,7 +20,7 @@ from rich.table import Table
 
 from cryopick.calibrate import Calibration
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
-from cryopick.config import PickConfig, dump_yaml, validate
+from cryopick.config import DEFAULT_THRESHOLD, PickConfig, dump_yaml, validate
 from cryopick.dataset import fits_edge_padding
 from cryopick.device import resolve_device
 from cryopick.errors import CryopickError, InputFileError
@@ -125,7 +125,7 @@ class PickSummary:
     counts: dict[str, int] = field(default_factory=dict)  # micrograph name → picks written this run
     skipped: list[str] = field(default_factory=list)  # coordinate file already there (rerun without --overwrite)
     failed: dict[str, str] = field(default_factory=dict)  # micrograph name → reason
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD
     radius_px: float | None = None  # NMS radius, original px (of the first micrograph's pixel size)
     histogram: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BINS)  # candidates per 0.1 of probability
     expected: float | None = None
@@ -275,7 +275,7 @@ def _calibration(ckpt: dict, quiet: bool) -> Calibration | None:
     data = ckpt.get("calibration")
     if not data:
         warn("this model has no pick calibration (trained by an older cryopick, or calibration failed): scores "
-             "are the network's raw probabilities and 0.5 may over- or under-pick; --expected-particles N prints the "
+             "are the network's raw probabilities and the default threshold may over- or under-pick; --expected-particles N prints the "
              "threshold giving N picks per micrograph")
         return None
     calibration = Calibration.from_dict(data)

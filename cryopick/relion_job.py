@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+from cryopick.config import DEFAULT_THRESHOLD
 from cryopick.errors import CryopickError
 from cryopick.fsutil import write_json_atomic, write_text_atomic
 from cryopick.io.micrographs import find_micrographs
@@ -67,7 +68,7 @@ class Param:
 PARAMS: dict[str, Param] = {
     "model": Param(str, "checkpoint from cryopick train (best.pt): pick only, no training"),
     "diameter": Param(float, "particle diameter, Å (needed to train on hand picks)"),
-    "threshold": Param(float, "probability 0–1 a pick must reach (default 0.5; also select later on the FOM)"),
+    "threshold": Param(float, f"probability 0–1 a pick must reach (default {DEFAULT_THRESHOLD}; also select later on the FOM)"),
     "epochs": Param(int, "training epochs"),
     "steps_per_epoch": Param(int, "batches per training epoch"),
     "backbone": Param(str, "resnet8 (small, CPU), resnet18, resnet34, resnet50"),
@@ -103,7 +104,7 @@ class RelionJobSettings:
 
     model: str | None = None
     diameter: float | None = None
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD
     epochs: int | None = None
     steps_per_epoch: int | None = None
     backbone: str | None = None

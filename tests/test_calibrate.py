@@ -271,3 +271,20 @@ def test_estimated_best_f1_threshold_by_hand():
     assert threshold == 0.6 and f1 == pytest.approx(6 / 7)
     cal = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True, expected_particles=2)
     assert f"best F1 {cal.best_f1_estimate:.2f}" in cal.describe() and 0 < cal.best_f1_threshold <= 1
+
+
+def test_the_f1_optimal_cut_of_a_posterior_is_half_the_best_f1():
+    """Why pick's default threshold sits below 0.5 (Lipton et al. 2014): keeping a peak of posterior q raises
+    the expected F1 = 2·TP/(k + N) exactly when q > F1/2, so the best cut is where the posterior crosses F1/2."""
+    from cryopick.calibrate import estimated_best_f1
+    from cryopick.config import DEFAULT_THRESHOLD
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        posterior = np.sort(rng.beta(0.4, 0.4, 4000))[::-1]  # a well-separated model
+        n_particles = float(posterior.sum())  # calibrated: the posteriors sum to the count
+        peaks = np.linspace(1, 0, len(posterior))
+        threshold, f1 = estimated_best_f1(peaks, posterior, n_particles)
+        last_kept = int(np.flatnonzero(peaks == threshold)[0])
+        assert posterior[last_kept] >= f1 / 2 - 1e-9 > posterior[last_kept + 1] - 2e-3
+        assert 0.8 < f1 < 0.96 and abs(DEFAULT_THRESHOLD - f1 / 2) < 0.09

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from cryopick import pick as pick_module
 from cryopick.cli import app
+from cryopick.config import DEFAULT_THRESHOLD
 from cryopick.io.mrc import write_mrc
 from cryopick.io.outputs import read_coordinate_star
 from cryopick.io.relion import star_loop, write_coordinate_files_list, write_coordinate_star, write_micrographs_star
@@ -275,12 +276,12 @@ def test_parse_params_types_spellings_and_errors():
     settings = parse_params(["--diameter", "150", "--balanced-prior=0.5", "--epochs", "10", "--threshold", "",
                              "--edge", "-1"])
     assert (settings.diameter, settings.balanced_prior, settings.epochs, settings.threshold, settings.edge) == (
-        150.0, 0.5, 10, 0.5, -1.0)
+        150.0, 0.5, 10, DEFAULT_THRESHOLD, -1.0)
     with pytest.raises(Exception, match="expected float"):
         parse_params(["--diameter", "big"])
     with pytest.raises(Exception, match="expected auto, 3, 4 or 5"):
         relion_version(Path("."), "6")
-    assert parse_params(["--threshold", "--diameter", "80"]).threshold == 0.5  # an empty Params value
+    assert parse_params(["--threshold", "--diameter", "80"]).threshold == DEFAULT_THRESHOLD  # an empty Params value
     with pytest.raises(Exception, match="unexpected argument"):
         parse_params(["150"])
     assert parse_params(["--expected", "250"]).expected_particles == 250.0  # the row's old label
