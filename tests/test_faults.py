@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from cryopick.checkpoint import load_checkpoint
 from cryopick.cli import app
-from cryopick.config import ExtractConfig, PickConfig, TrainConfig, resolve
+from cryopick.config import DEFAULT_THRESHOLD, ExtractConfig, PickConfig, TrainConfig, resolve
 from cryopick.errors import CryopickError
 from cryopick.extract import extract
 from cryopick.io.mrc import write_mrc
@@ -159,7 +159,7 @@ def test_help_shows_defaults_flags_examples_and_install_hints():
     for needle in ("[default: resnet18]", "[default: 50]", "[default: dense]", "(default: 0 for dense", "[default: selective]",
                    "--amp", "--no-amp", "--no-ema"):
         assert needle in train_help, needle
-    assert "[default: 0.5]" in texts["pick"] and "[default: 0.2]" in texts["extract"]
+    assert f"[default: {DEFAULT_THRESHOLD}]" in texts["pick"] and "[default: 0.2]" in texts["extract"]
     assert "cryopick[plot]" in texts["evaluate"]
     for command, text in texts.items():
         assert "Example: cryopick " + command in text, command
