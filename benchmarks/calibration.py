@@ -100,10 +100,10 @@ def pick_run(run: Run, out: Path, checkpoint: Path | None = None) -> Path:
     return picks
 
 
-def scored_run(run: Run, radius: float) -> dict:
-    """Pooled metrics (AP, best F1, F1 at 0.5, picks at 0.5 …) of the run's picks against its full truth."""
+def scored_run(run: Run, radius: float, threshold: float = 0.5) -> dict:
+    """Pooled metrics (AP, best F1, F1 and picks at ``threshold`` …) of the run's picks against its full truth."""
     with tempfile.TemporaryDirectory() as tmp:
-        return evaluate(pick_run(run, Path(tmp)), run.truth, radius, threshold=0.5).overall
+        return evaluate(pick_run(run, Path(tmp)), run.truth, radius, threshold=threshold).overall
 
 
 def raw_picks(run: Run, ckpt: dict, truth: dict[str, np.ndarray], radius: float) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ student forward (weak + strong maps), teacher forward, loss, backward, step, EMA
 on fixed tensors. Their ratio is the data + augmentation overhead (goal ≤ 1.1). Samples = patches or crops.
 
     python benchmarks/train_speed.py --backbone resnet8 --steps 20
+    python benchmarks/train_speed.py --mode dense --layout nchw nhwc nchw nhwc   # channels-last on a CPU
     python benchmarks/train_speed.py --backbone resnet18 --device cuda --steps 200   # GPU, bf16 AMP
 """
 
@@ -31,11 +32,11 @@ from cryopick.trainstep import dense_step_loss, make_optimizer, make_views, opti
 
 
 def run(backbone: str, device: torch.device, steps: int, batch: int, amp: bool, compile_model: bool,
-        mode: str = "patches") -> dict:
+        mode: str = "patches", channels_last: bool | None = None) -> dict:
     cfg = TrainConfig()
     cfg.model.backbone, cfg.data.batch_size, cfg.data.mode = backbone, batch, mode
     on_cuda = device.type == "cuda"
-    channels_last = on_cuda
+    channels_last = on_cuda if channels_last is None else channels_last  # None: as train does (CUDA only)
     model = PatchClassifier(backbone, cfg.model.dropout).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -131,17 +132,24 @@ def main() -> None:
     ap.add_argument("--no-amp", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--mode", nargs="+", default=["dense", "patches"], choices=["dense", "patches"])
+    ap.add_argument("--layout", nargs="+", default=["auto"], choices=["auto", "nchw", "nhwc"],
+                    help="memory layout of model and batches: auto = as train (channels-last on CUDA only); "
+                         "give several to compare them in one process")
     args = ap.parse_args()
     device = resolve_device(args.device)
     torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"machine: {platform.node()}, device: {name}, batch {args.batch_size} (P:U 1:4), "
           f"AMP {'bf16' if device.type == 'cuda' and not args.no_amp else 'off'}")
-    print(f"{'backbone':10s}{'mode':>8s}{'full samples/s':>16s}{'pre-made samples/s':>20s}{'ratio':>8s}")
+    print(f"{'backbone':10s}{'mode':>8s}{'layout':>8s}{'full samples/s':>16s}{'pre-made samples/s':>20s}{'ratio':>8s}")
+    layouts = {"auto": None, "nchw": False, "nhwc": True}
     for backbone in args.backbone:
         for mode in args.mode:
-            r = run(backbone, device, args.steps, args.batch_size, not args.no_amp, args.compile, mode)
-            print(f"{backbone:10s}{mode:>8s}{r['full']:16.1f}{r['premade']:20.1f}{r['premade'] / r['full']:8.3f}")
+            for layout in args.layout:
+                r = run(backbone, device, args.steps, args.batch_size, not args.no_amp, args.compile, mode,
+                        layouts[layout])
+                print(f"{backbone:10s}{mode:>8s}{layout:>8s}{r['full']:16.1f}{r['premade']:20.1f}"
+                      f"{r['premade'] / r['full']:8.3f}")
 
 
 if __name__ == "__main__":

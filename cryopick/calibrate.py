@@ -21,7 +21,10 @@ particle's score looks like (f_P; unmatched labels count as "never picked"), all
   style); the estimate reads it where R reaches ``COUNT_RECALL`` (see ``estimate_particle_count``).
 - **Posterior** P(particle | score): the expected particles among the top k peaks are C(k) = N·R(s_k);
   the slope of its least concave majorant is a non-increasing (in rank) estimate of the posterior,
-  clipped to [0, 1]. It is stored as a monotone table on logits and applied by pick, so a pick's figure of
+  clipped to [0, 1]. The calibration peaks lack the particles whose labels trained the model; a fresh
+  micrograph does not, so the posterior's prior odds are raised by (N + known) / N before it is stored
+  (``known_particle_gain``).
+  It is stored as a monotone table on logits and applied by pick, so a pick's figure of
   merit is "the probability that this peak is a particle", and 0.5 means "more likely a particle than not".
   Pick's default cut is lower (``cryopick.config.DEFAULT_THRESHOLD``): on a posterior the F1-optimal cut is
   half the best F1.
@@ -208,7 +211,8 @@ def fit_calibration(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels:
 
     ``expected_particles`` (per micrograph), when given, replaces the estimated count. ``n_known``: particles
     whose peaks were left out of ``peak_scores`` (the labels that trained the model); they are added to the
-    count, and the posterior is that of the other peaks.
+    count, and the posterior, fitted on the other peaks, is moved to a fresh micrograph's prior, where no
+    particle is left out (``known_particle_gain``).
     """
     peaks = np.asarray(peak_scores, dtype=np.float64)
     labels = np.asarray(label_scores, dtype=np.float64)
@@ -234,23 +238,51 @@ def fit_calibration(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels:
         n_total = n_given if given else by_labels
         knots, values = posterior_table(peaks, labels, n_labels, n_total)
         method = "labels"
+    gain = known_particle_gain(n_total, n_known)
+    fresh_values = with_known_particles(values, gain)
     z = clipped_logit(peaks)
     quantiles = np.unique(np.quantile(z, np.linspace(0, 1, N_QUANTILES)))
-    calibration = Calibration(tuple(float(v) for v in knots), tuple(float(v) for v in values),
+    calibration = Calibration(tuple(float(v) for v in knots), tuple(float(v) for v in fresh_values),
                               float((n_total + n_known) / n_micrographs), int(n_micrographs), len(peaks),
                               int(n_labels), len(labels), bool(held_out), given,
                               tuple(float(v) for v in quantiles), method=method, suggested_per_micrograph=suggested)
     order = np.argsort(peaks)[::-1]
-    raw_threshold, f1 = estimated_best_f1(peaks[order], np.interp(z[order], knots, values), n_total)
+    raw_threshold, f1 = estimated_best_f1(peaks[order], np.interp(z[order], knots, values), n_total, gain)
     return replace(calibration, best_f1_threshold=float(calibration.apply(np.array([raw_threshold]))[0]),
                    best_f1_estimate=f1)
 
 
-def estimated_best_f1(peaks_desc: np.ndarray, posterior_desc: np.ndarray, n_particles: float) -> tuple[float, float]:
+def known_particle_gain(n_particles: float, n_known: int) -> float:
+    """How many times more particles a fresh micrograph's peaks hold than the calibration peaks: (N + known) / N.
+
+    The calibration peaks leave out the particles whose labels trained the model; a micrograph to pick has
+    none left out, so its particles are that much more frequent among its peaks (everything else is not).
+    Where users label most particles of a micrograph the calibration peaks hold few particles, and a
+    posterior read off them under-states a fresh micrograph's, the more so the more was labeled."""
+    if n_known <= 0 or n_particles <= 0:
+        return 1.0
+    return float((n_particles + n_known) / n_particles)
+
+
+def with_known_particles(posterior: np.ndarray, gain: float) -> np.ndarray:
+    """The posterior with the particles' prior odds multiplied by ``gain`` (Saerens et al. 2002: the same
+    likelihood ratio, another prior): g·p / (g·p + 1 − p)."""
+    p = np.clip(np.asarray(posterior, dtype=np.float64), 0.0, 1.0)
+    return gain * p / (gain * p + 1.0 - p)
+
+
+def estimated_best_f1(peaks_desc: np.ndarray, posterior_desc: np.ndarray, n_particles: float,
+                      gain: float = 1.0) -> tuple[float, float]:
     """(raw threshold, F1) maximising the estimated F1 = 2·TP(t) / (#peaks(≥ t) + N) over the peaks (sorted by
-    decreasing score), TP(t) the summed posterior of the peaks kept."""
-    tp = np.minimum(np.cumsum(np.asarray(posterior_desc, dtype=np.float64)), n_particles)
-    f1 = 2 * tp / (np.arange(1, len(tp) + 1) + n_particles)
+    decreasing score), TP(t) the summed posterior of the peaks kept.
+
+    ``gain`` (``known_particle_gain``): the F1 of a fresh micrograph, whose particle peaks are ``gain`` times
+    as many: each peak counts p·g particle peaks and 1 − p others, and N becomes g·N."""
+    p = np.clip(np.asarray(posterior_desc, dtype=np.float64), 0.0, 1.0)
+    n = gain * n_particles
+    tp = np.minimum(np.cumsum(gain * p), n)
+    kept = np.cumsum(gain * p + 1.0 - p)
+    f1 = 2 * tp / (kept + n)
     best = int(np.argmax(f1))
     return float(peaks_desc[best]), float(f1[best])
 

@@ -8,7 +8,16 @@ import torch
 from helpers import small_dataset
 from scipy.special import expit, logit
 
-from cryopick.calibrate import Calibration, estimate_particle_count, fit_calibration, label_recall, posterior_table
+from cryopick.calibrate import (
+    Calibration,
+    estimate_particle_count,
+    estimated_best_f1,
+    fit_calibration,
+    known_particle_gain,
+    label_recall,
+    posterior_table,
+    with_known_particles,
+)
 from cryopick.errors import CryopickError
 
 PEAKS = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
@@ -53,16 +62,51 @@ def test_given_count_replaces_the_estimate():
     assert "your count" in cal.describe() and "optimistic" in cal.describe()
 
 
-def test_known_particles_are_added_to_the_count_but_not_to_the_posterior():
-    """Dense training leaves the training labels' peaks out (``n_known`` of them): the count adds them back;
-    a given count is shared between them and the other peaks, whose posterior uses the rest."""
+def test_known_particles_are_added_to_the_count_and_raise_the_posterior():
+    """Dense training leaves the training labels' peaks out (``n_known`` of them): the count adds them back,
+    and the posterior, fitted on the other peaks, takes a fresh micrograph's prior: odds × (N + known) / N."""
     base = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True)
+    # N = 16/3: C(k) = N·R = 4/3, 8/3, 8/3, 4, 4 …: majorant slopes 4/3 (clipped to 1), 2/3, 2/3, 0 …
+    assert base.values == pytest.approx((0.0, 2 / 3, 2 / 3, 1.0))
     known = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True, n_known=6)
     assert known.particles_per_micrograph == pytest.approx(base.particles_per_micrograph + 3)
-    assert known.knots == base.knots and known.values == base.values
+    assert known.knots == base.knots
+    # gain (16/3 + 6) / (16/3) = 17/8: odds 2 → 17/4, posterior 17/21
+    assert known.values == pytest.approx((0.0, 17 / 21, 17 / 21, 1.0))
     given = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True, expected_particles=5, n_known=6)
     other = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True, expected_particles=2)
-    assert given.particles_per_micrograph == 5 and given.values == other.values  # 2·5 − 6 = 4 = 2·2 others
+    # 2·5 − 6 = 4 particles among the peaks, as 2·2 without known ones: the same fit, then odds × 10/4
+    assert given.particles_per_micrograph == 5 and other.values == (0.0, 0.5, 1.0)
+    assert given.values == pytest.approx((0.0, 5 / 7, 1.0))
+
+
+def test_known_particle_gain_and_the_fresh_micrograph_f1_by_hand():
+    assert known_particle_gain(4.0, 6) == 2.5 and known_particle_gain(4.0, 0) == 1.0
+    assert list(with_known_particles(np.array([0.0, 0.5, 0.2, 1.0]), 2.5)) == pytest.approx([0, 5 / 7, 0.5 / 1.3, 1])
+    # posteriors 1, ½, 0 and N = 2: TP 1, 1.5, 1.5 over 1, 2, 3 peaks: F1 2/3, 3/4, 3/5
+    peaks = np.array([0.9, 0.5, 0.1])
+    assert estimated_best_f1(peaks, np.array([1.0, 0.5, 0.0]), 2.0) == pytest.approx((0.5, 0.75))
+    # gain 2: particle peaks count twice, N = 4: TP 2, 3, 3 over 2, 3.5, 4.5 peaks: F1 4/6, 6/7.5, 6/8.5
+    assert estimated_best_f1(peaks, np.array([1.0, 0.5, 0.0]), 2.0, gain=2.0) == pytest.approx((0.5, 0.8))
+
+
+def test_posterior_holds_on_a_fresh_micrograph_when_most_particles_were_labeled():
+    """Three quarters of the calibration micrographs' particles trained the model (left out of its peaks),
+    and particles and the rest overlap: given the true count, the posterior must sum to a fresh micrograph's
+    particles, not to the quarter left over (which the posterior of the leftover peaks alone gives)."""
+    rng = np.random.default_rng(0)
+
+    def peaks(n_particles, n_other):
+        return expit(rng.normal(1.0, 1.0, n_particles)), expit(rng.normal(-1.5, 1.2, n_other))
+
+    particles, other = peaks(60, 900)  # calibration peaks: 60 particles left after 180 known ones
+    calibration_peaks, labels = np.concatenate([particles, other]), particles[:30]  # 30 held-out labels
+    fresh = np.concatenate(peaks(240, 900))  # as many micrographs, nothing left out: 240 particles
+    cal = fit_calibration(calibration_peaks, labels, 30, n_micrographs=2, held_out=True, expected_particles=120,
+                          n_known=180)
+    assert cal.apply(fresh).sum() == pytest.approx(240, rel=0.15)
+    leftover = fit_calibration(calibration_peaks, labels, 30, n_micrographs=2, held_out=True, expected_particles=30)
+    assert leftover.apply(fresh).sum() < 0.75 * 240
 
 
 def test_mixture_ignores_that_labels_are_the_clearest_particles():
