@@ -79,8 +79,8 @@ def time_floor(paths: list[Path], model: PatchClassifier, factor: float, device:
         for path in paths:
             start = time.perf_counter()
             binned, _ = preprocess(read_micrograph(path), factor)
-            x = channels_last(binned[None, None].to(device), device.type == "cuda")
-            padded = channels_last(reflect_pad(x, pad + context), device.type == "cuda")
+            x = channels_last(binned[None, None].to(device), True)
+            padded = channels_last(reflect_pad(x, pad + context), True)
             synchronise(device)
             middle = time.perf_counter()
             model.backbone(padded)
@@ -110,7 +110,7 @@ def time_windows(path: Path, model: PatchClassifier, factor: float, device: torc
         for k in range(0, len(centres), batch):
             chunk = centres[k: k + batch]
             patches = torch.stack([padded[cy: cy + patch_size, cx: cx + patch_size] for cy, cx in chunk])
-            x = channels_last(patches[:, None].to(device), device.type == "cuda")
+            x = channels_last(patches[:, None].to(device), True)
             model(x)
         synchronise(device)
     seconds = time.perf_counter() - start
@@ -152,7 +152,7 @@ def main(argv=None) -> None:
         rss_after_pick = max_rss_mib()
         cuda_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
-        model = channels_last(model.to(device), device.type == "cuda")
+        model = channels_last(model.to(device), True)
         load_seconds, forward_seconds, bare_seconds = time_floor(paths, model, record.bin_factor, device,
                                                                  record.patch_size // 2)
         floor_seconds = load_seconds + forward_seconds

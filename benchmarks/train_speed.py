@@ -36,7 +36,7 @@ def run(backbone: str, device: torch.device, steps: int, batch: int, amp: bool, 
     cfg = TrainConfig()
     cfg.model.backbone, cfg.data.batch_size, cfg.data.mode = backbone, batch, mode
     on_cuda = device.type == "cuda"
-    channels_last = on_cuda if channels_last is None else channels_last  # None: as train does (CUDA only)
+    channels_last = True if channels_last is None else channels_last  # None: as train does
     model = PatchClassifier(backbone, cfg.model.dropout).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--mode", nargs="+", default=["dense", "patches"], choices=["dense", "patches"])
     ap.add_argument("--layout", nargs="+", default=["auto"], choices=["auto", "nchw", "nhwc"],
-                    help="memory layout of model and batches: auto = as train (channels-last on CUDA only); "
+                    help="memory layout of model and batches: auto = as train (channels-last); "
                          "give several to compare them in one process")
     args = ap.parse_args()
     device = resolve_device(args.device)

@@ -403,7 +403,7 @@ def demo(
     out: Path = typer.Argument(Path("cryopick-demo"), help="Working directory for the demo (must be new or empty)."),
     micrographs: int = typer.Option(6, "--micrographs", "-n", help="Simulated micrographs (1024×1024 px, 2 Å/px)."),
     epochs: int = typer.Option(12, "--epochs", help="Training epochs."),
-    steps_per_epoch: int = typer.Option(40, "--steps-per-epoch", help="Batches of 32 patches per epoch."),
+    steps_per_epoch: int = typer.Option(36, "--steps-per-epoch", help="Batches of 32 patches per epoch."),
     snr: float = typer.Option(0.05, "--snr", help="Per-pixel SNR of the simulated particles."),
     particle: str = typer.Option("shell", "--particle", help="Particle shape: shell, blob, rod, ring."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),

@@ -28,7 +28,7 @@ class DemoSettings:
     snr: float = 0.05
     particle: str = "shell"
     epochs: int = 12
-    steps_per_epoch: int = 40  # 480 steps: ~3.5 min end to end on 2 CPU cores
+    steps_per_epoch: int = 36  # 432 steps: ~3.5 min end to end on 2 free CPU cores
     backbone: str = "resnet8"
     balanced_prior: float | None = None  # imbalanced nnPU weighting (loss.balanced_prior); None: the default
     give_count: bool = False  # pass the true particle count (--expected-particles); the default estimates it

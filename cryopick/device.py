@@ -1,5 +1,5 @@
 """The torch device and how models run on it, the same way for train and pick: device choice (torchrun-aware),
-bf16 autocast and channels-last memory (both only on CUDA)."""
+bf16 autocast (CUDA only) and channels-last memory."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def autocast_factory(bf16: bool) -> Callable[[], ContextManager]:
 
 
 def channels_last(x: T, enabled: bool) -> T:
-    """A model or an NCHW batch in channels-last memory when ``enabled`` (faster convolutions on CUDA)."""
+    """A model or an NCHW batch in channels-last memory when ``enabled`` (faster convolutions on CUDA and on CPUs)."""
     if not enabled:
         return x
     if isinstance(x, torch.nn.Module):

@@ -137,10 +137,10 @@ def candidate_picks(logits: np.ndarray, geometry: MapGeometry, binned_shape: tup
     Thresholding afterwards gives the same picks as thresholding first: greedy NMS only lets a
     pick be suppressed by a better one.
     """
-    rows, cols = local_maxima(logits)
-    y_binned, x_binned = geometry.to_binned(rows, cols)
-    inside = (y_binned >= 0) & (y_binned < binned_shape[0]) & (x_binned >= 0) & (x_binned < binned_shape[1])
-    rows, cols = rows[inside], cols[inside]
+    # peaks among the samples inside the micrograph: where the border's mirror axis lies between two samples
+    # (right and bottom borders, as a rule), a particle straddling it peaks on the sample just outside, and
+    # its inside neighbour is where it must be picked; refinement still reads the samples outside
+    rows, cols = local_maxima(np.where(inside_samples(logits.shape, geometry, binned_shape), logits, -np.inf))
     drow, dcol = refine_peaks(logits, rows, cols)
     x, y = geometry.to_original(rows + drow, cols + dcol)
     # RELION's Extract truncates coordinates to integers; rounding here centres its boxes on the nearest pixel
@@ -155,6 +155,14 @@ def candidate_picks(logits: np.ndarray, geometry: MapGeometry, binned_shape: tup
         score = score * inside_probability(x, y, shape, geometry.mirror_band())
     candidates = Picks(x, y, score)
     return candidates.take(greedy_nms(candidates.x, candidates.y, candidates.score, radius_px))
+
+
+def inside_samples(map_shape: tuple[int, int], geometry: MapGeometry, binned_shape: tuple[int, int]) -> np.ndarray:
+    """Mask of the score-map samples whose centres lie inside the binned micrograph."""
+    y_binned, x_binned = geometry.to_binned(np.arange(map_shape[0]), np.arange(map_shape[1]))
+    rows_inside = (y_binned >= 0) & (y_binned < binned_shape[0])
+    cols_inside = (x_binned >= 0) & (x_binned < binned_shape[1])
+    return rows_inside[:, None] & cols_inside[None, :]
 
 
 def inside_probability(x: np.ndarray, y: np.ndarray, shape: tuple[int, int],

@@ -34,11 +34,11 @@ def test_demo_refuses_a_non_empty_directory(tmp_path):
 
 
 # The figures `cryopick demo` prints with its defaults (2 CPU cores, torch 2.13.0+cpu; README "What to expect").
-DEMO_FIGURES = {"precision": 0.943, "recall": 0.825, "f1": 0.880, "ap": 0.822}
+DEMO_FIGURES = {"precision": 0.925, "recall": 0.865, "f1": 0.894, "ap": 0.862}
 
 
 def test_demo_prints_the_figures_the_readme_shows(tmp_path):
-    # the full demo: 3.5–6 min on 2 free cores (benchmarks/RESULTS.md), run by default because
+    # the full demo: 3.5–6 min on 2 cores (benchmarks/RESULTS.md), run by default because
     # the README's figures are the first thing a user checks
     report, _ = run_demo(tmp_path / "demo", DemoSettings(device="cpu"), quiet=True)
     for key, value in DEMO_FIGURES.items():

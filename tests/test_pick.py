@@ -342,6 +342,25 @@ def test_candidates_threshold_max_picks_and_edge_on_a_hand_made_map():
     assert select_picks(merged, 0.5).x.tolist() == [32.0, 192.0]  # (64, 32) is 32 px from the best
 
 
+def test_a_particle_straddling_the_right_or_bottom_border_is_picked_inside():
+    # binned 103 × 103 (original 206 × 206, scales 2): the last pixel, the mirror axis, is binned 102; samples
+    # lie at binned 8j − 64, i.e. 96 (inside) and 104 (outside). A bump centred on the axis peaks on the
+    # outside sample; its inside neighbour must give the pick (it was lost when only map-wide maxima counted)
+    geometry = MapGeometry(OS, PAD, (2.0, 2.0))
+    j = np.arange(24)
+    binned = 8.0 * j - 64
+    for axis in ("x", "y"):
+        bump_x, bump_y = (102.0, 48.0) if axis == "x" else (48.0, 102.0)
+        logits = 4.0 * np.exp(-((binned[None, :] - bump_x) ** 2 + (binned[:, None] - bump_y) ** 2) / (2 * 10.0**2)) - 3.0
+        assert logits[14, 21] > logits[14, 20] if axis == "x" else logits[21, 14] > logits[20, 14]
+        candidates = candidate_picks(logits, geometry, (103, 103), (206, 206), radius_px=20.0)
+        best = int(np.argmax(candidates.score))
+        x, y = candidates.x[best], candidates.y[best]
+        assert (x, y) == ((200.0, 96.0) if axis == "x" else (96.0, 200.0))  # half a sample towards the axis
+        np.testing.assert_allclose(candidates.score[best], 1 / (1 + np.exp(3.0 - 4.0 * np.exp(-6.0**2 / 200))))
+        assert np.all((candidates.x <= 205) & (candidates.y <= 205))  # never outside the micrograph
+
+
 def test_inside_probability_halves_peaks_on_the_mirror_axis():
     # 200 × 240 micrograph (rows × cols), band (4, 6): x < 6 or x > 233, y < 4 or y > 195 is on the axis
     x = np.array([5.9, 6.0, 233.0, 233.1, 100.0, 100.0, 100.0])
