@@ -9,7 +9,9 @@ calibrated 0.5 is scored against the full truth within D/2 for:
 
 - ``1 bg``: particles vs one background Gaussian (the calibration before 2026-11-29);
 - ``shipped``: ``fit_calibration`` as ``train`` runs it (since 2026-12-04: of the mixtures with one and with two
-  background Gaussians that pass its checks, the one counting more particles);
+  background Gaussians that pass its checks, the one counting more particles; since 2026-12-07 a mixture must
+  also show a dip between the particles and the rest, and the labels' count is the tightest bound from half
+  to 80 % of the labels);
 - ``shipped, true count``: the same given the true count (``train --expected-particles``);
 
 next to the best F1 over all thresholds, and the estimated particles per calibration set against the truth.
@@ -42,6 +44,7 @@ from cryopick.calibrate import (
     fit_gaussians,
     mixture_posterior,
     posterior_table,
+    tightest_particle_count,
 )
 from cryopick.calibrate_model import scored_peaks
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
@@ -154,7 +157,7 @@ def evaluate_run(run: Run) -> dict:
     row = {"run": run.name, "best": best_f1(scores, hits, n_truth), "true": int(particles.sum())}
     one = mixture_posterior(peaks, peaks[labeled], background_components=(1,))
     if one is None:  # as before: the labels' recall decides
-        count = estimate_particle_count(peaks, peaks[labeled], n_labels)
+        count = tightest_particle_count(peaks, peaks[labeled], n_labels)
         one = (*posterior_table(peaks, peaks[labeled], n_labels, count), count)
     knots, values, row["1 bg count"] = one
     row["1 bg"] = f1_at(np.interp(clipped_logit(scores), knots, values), hits, n_truth)
@@ -205,12 +208,13 @@ def first_valid_mixture(peaks: np.ndarray, labels: np.ndarray, n_labels: int,
     """(knots, posterior, count, method) of the first mixture in ``order`` that calibrate would accept (a
     population of its own, the labels inside it, a count at most MAX_COUNT_RATIO × the labels'), else the
     labels' recall, as ``fit_calibration`` falls back."""
-    by_labels = estimate_particle_count(peaks, labels, n_labels)
+    upper = estimate_particle_count(peaks, labels, n_labels)
     for components in order:
         fitted = mixture_posterior(peaks, labels, background_components=components,
-                                   max_count=MAX_COUNT_RATIO * by_labels)
+                                   max_count=MAX_COUNT_RATIO * upper)
         if fitted is not None:
             return *fitted, f"{components[0]} bg"
+    by_labels = tightest_particle_count(peaks, labels, n_labels)
     return *posterior_table(peaks, labels, n_labels, by_labels), by_labels, "labels"
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from calibration import accuracy_runs, demo_run, scored_run  # benchmarks/calibration.py (on sys.path)
 
-from cryopick.calibrate import Calibration, estimate_particle_count, mixture_posterior
+from cryopick.calibrate import Calibration, mixture_posterior, tightest_particle_count
 from cryopick.calibrate_model import calibrate_checkpoint, calibration_micrographs, peak_scores
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.config import DEFAULT_THRESHOLD
@@ -42,7 +42,7 @@ def counts(ckpt: dict, mics: list[dict], radius: float) -> str:
     peaks, labels, n_labels = peak_scores(model_from_checkpoint(ckpt), mics, record.patch_size // 2, radius,
                                           torch.device("cpu"))
     mixture = mixture_posterior(peaks, labels)
-    by_labels = estimate_particle_count(peaks, labels, n_labels)
+    by_labels = tightest_particle_count(peaks, labels, n_labels)
     return f"{'–' if mixture is None else f'{mixture[2]:.1f}'} : {by_labels:.1f}"
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import small_dataset
 from scipy.special import expit, logit
+from scipy.stats import norm
 
 from cryopick.calibrate import (
     Calibration,
@@ -16,6 +17,7 @@ from cryopick.calibrate import (
     known_particle_gain,
     label_recall,
     posterior_table,
+    tightest_particle_count,
     with_known_particles,
 )
 from cryopick.errors import CryopickError
@@ -38,21 +40,38 @@ def test_particle_count_is_read_where_the_labels_reach_the_recall():
     assert estimate_particle_count(PEAKS, LABELED, 4, recall=0.25) == pytest.approx(4.0)
 
 
+def test_the_labels_count_is_the_tightest_bound_from_half_the_labels_up():
+    # k = 2 of 4 labels (R = ½): 4; k = 3 (R = ¾, the most the 0.8 band holds with 3 picked): 16/3 → 4
+    assert tightest_particle_count(PEAKS, LABELED, 4) == pytest.approx(4.0)
+    assert tightest_particle_count(PEAKS, LABELED, 4, recalls=(0.75, 0.8)) == pytest.approx(16 / 3)
+    # fewer labels picked than half of them: the lowest picked label's bound, as estimate_particle_count
+    assert tightest_particle_count(PEAKS, np.array([0.9]), 4) == pytest.approx(1 / 0.25)
+    # junk scoring with the particles: 10 labels among 10 particles and 30 junk peaks above the background;
+    # the lowest labels sit among the junk, so R = 0.8 counts junk; from R = ½ up the bound stays near 10
+    rng = np.random.default_rng(0)
+    particles, junk = np.sort(rng.uniform(0.6, 0.99, 10))[::-1], rng.uniform(0.55, 0.8, 30)
+    peaks = np.concatenate([particles, junk, rng.uniform(0.0, 0.3, 500)])
+    assert estimate_particle_count(peaks, particles, 10) > 2 * tightest_particle_count(peaks, particles, 10)
+    assert tightest_particle_count(peaks, particles, 10) < 20
+
+
 def test_posterior_is_the_slope_of_the_concave_majorant():
-    # C(k) = 4·R = 0,1,2,2,3,3,…: majorant slopes 1,1,½,½,0,… → runs at median logits
+    # C(k) = 4·R = 0,1,2,2,3,3,…: majorant slopes 1,1,½,½,0,… → knots at both ends of each run
     knots, values = posterior_table(PEAKS, LABELED, 4, 4.0)
-    expected_knots = [np.median(logit([0.5, 0.4, 0.3, 0.2, 0.1, 0.05])), np.median(logit([0.7, 0.6])),
-                      np.median(logit([0.9, 0.8]))]
-    assert knots == pytest.approx(expected_knots)
-    assert list(values) == [0.0, 0.5, 1.0]
+    assert knots == pytest.approx(logit([0.05, 0.5, 0.6, 0.7, 0.8, 0.9]))
+    assert list(values) == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]
+    # the table gives every calibration peak its own slope: below the lowest label (0.6) the posterior is 0,
+    # not a value interpolated towards a run's median far below (which called 0.55 "30 % a particle")
+    assert np.interp(logit(PEAKS), knots, values) == pytest.approx([1, 1, 0.5, 0.5, 0, 0, 0, 0, 0, 0])
+    assert np.interp(logit(0.55), knots, values) == pytest.approx(0.5 * (logit(0.55) - logit(0.5)) / (logit(0.6) - logit(0.5)))
     estimated = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True)
-    assert estimated.particles_per_micrograph == pytest.approx(8 / 3)  # (16/3) / 2 micrographs
+    assert estimated.particles_per_micrograph == pytest.approx(2.0)  # the tightest bound 4 / 2 micrographs
     cal = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True, expected_particles=2)
-    z = logit(0.7)
-    assert cal.apply(np.array([0.7]))[0] == pytest.approx(0.5 + 0.5 * (z - knots[1]) / (knots[2] - knots[1]), abs=0.01)
+    z = logit(0.75)
+    assert cal.apply(np.array([0.75]))[0] == pytest.approx(0.5 + 0.5 * (z - knots[3]) / (knots[4] - knots[3]), abs=0.01)
     assert np.all(np.diff(cal.apply(np.array([1e-6, 0.01, 0.02, 0.98, 0.99]))) > 0)  # ranking kept in flat parts
     assert list(cal.apply(np.array([0.0, 1.0]))) == [0.0, 1.0]
-    assert cal.raw_threshold(0.5) == pytest.approx(expit(knots[1]))
+    assert cal.raw_threshold(0.5) == pytest.approx(0.6)  # 0.99·0.5 + 0.01·(rank of 0.6 among the peaks) ≥ 0.5
     assert Calibration.from_dict(cal.to_dict()) == cal
 
 
@@ -66,18 +85,18 @@ def test_known_particles_are_added_to_the_count_and_raise_the_posterior():
     """Dense training leaves the training labels' peaks out (``n_known`` of them): the count adds them back,
     and the posterior, fitted on the other peaks, takes a fresh micrograph's prior: odds × (N + known) / N."""
     base = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True)
-    # N = 16/3: C(k) = N·R = 4/3, 8/3, 8/3, 4, 4 …: majorant slopes 4/3 (clipped to 1), 2/3, 2/3, 0 …
-    assert base.values == pytest.approx((0.0, 2 / 3, 2 / 3, 1.0))
+    # N = 4: C(k) = N·R = 1, 2, 2, 3, 3 …: majorant slopes 1, 1, ½, ½, 0 …
+    assert base.values == pytest.approx((0.0, 0.0, 0.5, 0.5, 1.0, 1.0))
     known = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True, n_known=6)
     assert known.particles_per_micrograph == pytest.approx(base.particles_per_micrograph + 3)
     assert known.knots == base.knots
-    # gain (16/3 + 6) / (16/3) = 17/8: odds 2 → 17/4, posterior 17/21
-    assert known.values == pytest.approx((0.0, 17 / 21, 17 / 21, 1.0))
+    # gain (4 + 6) / 4 = 5/2: odds 1 → 5/2, posterior 5/7
+    assert known.values == pytest.approx((0.0, 0.0, 5 / 7, 5 / 7, 1.0, 1.0))
     given = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True, expected_particles=5, n_known=6)
     other = fit_calibration(PEAKS, LABELED, 4, n_micrographs=2, held_out=True, expected_particles=2)
     # 2·5 − 6 = 4 particles among the peaks, as 2·2 without known ones: the same fit, then odds × 10/4
-    assert given.particles_per_micrograph == 5 and other.values == (0.0, 0.5, 1.0)
-    assert given.values == pytest.approx((0.0, 5 / 7, 1.0))
+    assert given.particles_per_micrograph == 5 and other.values == (0.0, 0.0, 0.5, 0.5, 1.0, 1.0)
+    assert given.values == pytest.approx((0.0, 0.0, 5 / 7, 5 / 7, 1.0, 1.0))
 
 
 def test_known_particle_gain_and_the_fresh_micrograph_f1_by_hand():
@@ -141,11 +160,34 @@ def test_a_mixture_count_far_above_the_labels_estimate_is_not_trusted():
     mixture_count, label_count = mixture_posterior(peaks, labels)[2], estimate_particle_count(peaks, labels, 10)
     assert mixture_count > 200 and label_count < 60 and mixture_count > MAX_COUNT_RATIO * label_count
     cal = fit_calibration(peaks, labels, 10, n_micrographs=2, held_out=True)
-    assert cal.method == "labels" and cal.particles_per_micrograph * 2 == pytest.approx(label_count)
+    assert cal.method == "labels" and cal.particles_per_micrograph * 2 == pytest.approx(
+        tightest_particle_count(peaks, labels, 10))  # 42 for 25 particles: junk scores among them
     # labels spread over the whole upper population: the two estimates agree and the mixture is kept
     agreeing = expit(rng.choice(np.concatenate([z_junk, z_p]), 10, replace=False))
     cal = fit_calibration(peaks, agreeing, 10, n_micrographs=2, held_out=True)
     assert cal.method == "mixture" and cal.particles_per_micrograph * 2 == pytest.approx(mixture_count)
+
+
+def test_particles_without_a_mode_of_their_own_are_not_a_population():
+    """Ashman's D > 2 separates two equal Gaussians; a small component on the flank of a large one passes it
+    with no mode of its own (on hard models such a component took in background and doubled the count):
+    the density must dip between the two means."""
+    from cryopick.calibrate import MAX_DIP_RATIO, MIN_SEPARATION, Mixture, _accepted_mixture
+
+    def mixture(weights):
+        return Mixture(np.array(weights), np.array([0.0, 3.5]), np.array([1.5, 1.5]))
+
+    equal, flank = mixture([0.5, 0.5]), mixture([0.8, 0.2])
+    assert equal.separation == flank.separation == pytest.approx(3.5 / 1.5)
+    assert equal.separation > MIN_SEPARATION
+    # equal weights: density 2·φ(1.75/1.5)/1.5 at the midpoint against (φ(0) + φ(3.5/1.5))/1.5 at a mean
+    assert equal.dip_ratio == pytest.approx(2 * norm.pdf(1.75 / 1.5) / (norm.pdf(0) + norm.pdf(3.5 / 1.5)), rel=1e-3)
+    assert equal.dip_ratio < MAX_DIP_RATIO
+    assert flank.dip_ratio == 1.0  # the density only rises from the large component's mean to the small one's
+    z = np.concatenate([np.zeros(10), np.full(5, 3.5)])
+    knots = np.linspace(-5, 8, 50)
+    assert _accepted_mixture(equal, z, np.array([3.5, 4.0]), knots, math.inf) is not None
+    assert _accepted_mixture(flank, z, np.array([3.5, 4.0]), knots, math.inf) is None
 
 
 def test_synthetic_mixture_recovers_count_and_posterior():
