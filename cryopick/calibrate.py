@@ -184,8 +184,8 @@ def tightest_particle_count(peak_scores: np.ndarray, label_scores: np.ndarray, n
     Every bound counts the non-particles above t as particles; where junk scores like particles (the
     junk-rich dev set: 25 particles and 60 junk blobs per micrograph) the bound at R = 0.8 counted 4–5×
     the particles, the tightest bound from R = 0.5 up 1.2–1.7×. Where the labels are the clearest particles
-    the tightest bound under-counts more than the one at R = 0.8 (0.6–0.8× on the ring's models), which
-    moves pick's F1 at the default cut by at most 0.01 there (``benchmarks/RESULTS.md``). Falls back to
+    the tightest bound under-counts more than the one at R = 0.8 (0.6–0.8× on the ring's models; their F1 at
+    the default cut moved by 0.01 of the best F1 at most, ``benchmarks/RESULTS.md``). Falls back to
     ``estimate_particle_count`` when fewer labels than ``recalls[0]`` were picked.
     """
     matched = np.sort(np.asarray(label_scores, dtype=np.float64))[::-1]

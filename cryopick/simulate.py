@@ -672,17 +672,28 @@ def _distractors(rng, params: SimulationParams, layout: _Layout, transfer: np.nd
     return absorption
 
 
+def _micrograph_draws(params: SimulationParams, index: int) -> tuple[np.random.Generator, CTFParams, _Layout]:
+    """Micrograph ``index``'s random stream after its CTF and layout are drawn, with those two."""
+    rng = np.random.default_rng([params.seed, _STREAM_MICROGRAPH, index])
+    ctf = draw_ctf(rng, simulation_amplitude_contrast(params))
+    return rng, ctf, _draw_layout(rng, params)
+
+
+def carbon_mask(params: SimulationParams, index: int) -> np.ndarray | None:
+    """Micrograph ``index``'s carbon film as a soft (ny, nx) mask in [0, 1] (None: no carbon), as simulated."""
+    params = replace(params, shape=(int(params.shape[0]), int(params.shape[1])))
+    return _micrograph_draws(params, index)[2].carbon
+
+
 def simulate_micrograph(params: SimulationParams, index: int,
                         model: ParticleModel | None = None) -> SimulatedMicrograph:
     """Micrograph ``index`` of the simulation ``params`` (deterministic per seed and index)."""
     params = replace(params, shape=(int(params.shape[0]), int(params.shape[1])))
     model = model or simulation_model(params)
-    rng = np.random.default_rng([params.seed, _STREAM_MICROGRAPH, index])
+    rng, ctf, layout = _micrograph_draws(params, index)
     shape = params.shape
     ny, nx = shape
     d = params.diameter_px
-    ctf = draw_ctf(rng, simulation_amplitude_contrast(params))
-    layout = _draw_layout(rng, params)
     centres = layout.centres
     rotations = random_rotations(len(centres), rng)
 

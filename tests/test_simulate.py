@@ -20,6 +20,7 @@ from cryopick.simulate import (
     CTFParams,
     SimulationParams,
     build_particle_model,
+    carbon_mask,
     choose_labeled_micrographs,
     ctf_filter,
     electron_wavelength,
@@ -302,6 +303,9 @@ def test_carbon_and_contamination_are_drawn_when_asked():
     params = replace(TINY, shape=(512, 512), carbon_probability=1.0, junk_per_micrograph=0.0)
     mic = simulate_micrograph(params, 0)
     assert mic.facts["carbon"] and 0.05 < mic.facts["carbon_area_fraction"] < 0.45
+    mask = carbon_mask(params, 0)  # the same film, without rendering the micrograph
+    assert mask.shape == (512, 512) and mask.mean() == pytest.approx(mic.facts["carbon_area_fraction"], abs=1e-4)
+    assert carbon_mask(replace(params, carbon_probability=0.0), 0) is None
     assert mic.distractors.std() > 0.1
     assert mic.distractors.min() < -3 * mic.noise.std() * 0.4  # darker than the noise: amplitude loss
 
