@@ -44,6 +44,7 @@ from typing import Callable
 
 import numpy as np
 
+from cryopick.calibrate_model import checkpoint_default_threshold
 from cryopick.config import DEFAULT_THRESHOLD, ExtractConfig, PickConfig, TrainConfig, resolve
 from cryopick.evaluate import evaluate
 from cryopick.extract import extract
@@ -327,10 +328,10 @@ def cryopick_extract(case: PreparedCase, data_dir: Path, clock: Clock) -> None:
 
 def run_cryopick(case: PreparedCase, profile: Profile, work: Path, method: str, consistency: str, use_ema: bool,
                  extract_clock: Clock | None = None, balanced_prior: float | None = None, seed: int = 0,
-                 with_count: bool = False, threshold: float = DEFAULT_THRESHOLD) -> tuple[Result, Clock]:
+                 with_count: bool = False, threshold: float | None = None) -> tuple[Result, Clock]:
     """Extract (unless given its clock: the dataset is shared), train, pick at threshold 0, score at
-    ``threshold`` (pick's default unless given)."""
-    result = Result(case.name, method, budget=profile.cryopick_budget(), default_threshold=f"p={threshold:g}")
+    ``threshold`` (pick's default for the trained model unless given)."""
+    result = Result(case.name, method, budget=profile.cryopick_budget())
     case_dir = work / case.name / "cryopick"
     data_dir = case_dir / "dataset"
     if extract_clock is None:
@@ -345,8 +346,12 @@ def run_cryopick(case: PreparedCase, profile: Profile, work: Path, method: str, 
         raise KeyboardInterrupt
     picks_dir = case_dir / f"picks_{exp_name}"
     shutil.rmtree(picks_dir, ignore_errors=True)
-    clock.run(pick, case.micrographs, trained.exp_dir / "checkpoints" / "best.pt", picks_dir,
+    best = trained.exp_dir / "checkpoints" / "best.pt"
+    clock.run(pick, case.micrographs, best, picks_dir,
               PickConfig(threshold=0.0, device=profile.device, overwrite=True), quiet=True)
+    if threshold is None:
+        threshold = checkpoint_default_threshold(best)
+    result.default_threshold = f"p={threshold:.3g}"
     total = clock.plus(extract_clock)
     result.wall_s, result.cpu_s = total.wall, total.cpu
     counts = json.loads((data_dir / "manifest.json").read_text())["counts"]
@@ -589,7 +594,8 @@ def ablation_lines(ok: list[Result], suffix: str, case: str = ABLATION_CASE) -> 
         if runs:
             ap, f1 = np.array([r.ap for r in runs]), np.array([r.f1 for r in runs])
             rows.append(f"{label}: AP {ap.mean():.3f} ± {ap.std(ddof=1) if len(ap) > 1 else 0:.3f}, "
-                        f"F1 at {runs[0].default_threshold} {f1.mean():.3f} ± {f1.std(ddof=1) if len(f1) > 1 else 0:.3f} "
+                        f"F1 at default ({', '.join(sorted({r.default_threshold for r in runs}))}) {f1.mean():.3f} ± "
+                        f"{f1.std(ddof=1) if len(f1) > 1 else 0:.3f} "
                         f"({len(runs)} seed{'s' if len(runs) > 1 else ''})")
     return [f"- ablation ({case}{suffix}): " + "; ".join(rows) + "."] if len(rows) > 1 else []
 
@@ -687,9 +693,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--with-count", action="store_true",
                     help="give cryopick the true particle count (--expected-particles); default: nothing but the diameter")
     ap.add_argument("--topaz-stock", action="store_true", help="also run Topaz with its stock (inflated) prior")
-    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                    help=f"cryopick's cut for P/R/F1 at default (default: pick's, {DEFAULT_THRESHOLD:g}); AP and best "
-                    "F1 do not depend on it")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="cryopick's cut for P/R/F1 at default (default: pick's for each trained model, half its "
+                    f"estimated best F1, at most {DEFAULT_THRESHOLD:g}); AP and best F1 do not depend on it")
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished rows of OUT/results.json (same profile) and run only the missing ones")
     ap.add_argument("--results", default=None,

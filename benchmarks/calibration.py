@@ -1,7 +1,8 @@
 """What calibrated cuts are worth, calibration by calibration, on checkpoints already trained (prints tables).
 
-"0.5" below is pick's default until 2026-12-06; since then it is ``DEFAULT_THRESHOLD`` (0.4, the second table's
-"calibrated 0.4" column), chosen with this script.
+"0.5" below is pick's default until 2026-12-06; from then to 2026-12-07 it is ``DEFAULT_THRESHOLD`` (0.4, the
+second table's "calibrated 0.4" column), chosen with this script; since then half the calibration's estimated
+best F1, at most 0.4 (``cryopick.calibrate.default_threshold``: the column "pick's default").
 
 For each trained run, the calibration peaks are found as ``train`` finds them (its held-out labels on the
 labeled micrographs, training labels set aside), every micrograph is picked with raw scores, and F1 at
@@ -39,6 +40,7 @@ import torch
 from cryopick.calibrate import (
     MAX_COUNT_RATIO,
     clipped_logit,
+    default_threshold,
     estimate_particle_count,
     fit_calibration,
     fit_gaussians,
@@ -173,6 +175,8 @@ def evaluate_run(run: Run) -> dict:
     calibrated = given.apply(scores)
     row["given"] = f1_at(calibrated, hits, n_truth)
     row["given cut"] = f1_at(calibrated, hits, n_truth, given.best_f1_threshold)
+    row["default"] = f1_at(shipped_scores, hits, n_truth, default_threshold(shipped))
+    row["given default"] = f1_at(calibrated, hits, n_truth, default_threshold(given))
     row["given thr"] = given.best_f1_threshold
     row["n peaks"] = len(peaks)
     mean_per_mic = n_truth / len(truth)
@@ -258,7 +262,8 @@ def main() -> None:
 CUT_COLUMNS = {"shipped": "calibrated 0.5 (shipped)", "BIC": "0.5, BIC's choice (until 2026-12-04)",
                "1 then 2 bg": "0.5, 1 bg then 2 bg", "2 bg": "0.5, 2 bg", "cut est": "count cut, estimated count",
                "cut true": "count cut, true count", "given mean": "0.5 given the mean count",
-               "cut mean": "count cut, mean count", **{f"p {c}": f"calibrated {c}" for c in FIXED_CUTS}}
+               "cut mean": "count cut, mean count", **{f"p {c}": f"calibrated {c}" for c in FIXED_CUTS},
+               "default": "pick's default (F1*/2, at most 0.4)", "given default": "pick's default, true count"}
 
 
 def print_cut_table(rows: list[dict]) -> None:

@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from cryopick.config import DEFAULT_THRESHOLD, ExtractConfig, PickConfig, TrainConfig, resolve
+from cryopick.calibrate_model import checkpoint_default_threshold
+from cryopick.config import ExtractConfig, PickConfig, TrainConfig, resolve
 from cryopick.evaluate import evaluate
 from cryopick.extract import extract
 from cryopick.pick import pick
@@ -46,10 +47,11 @@ def run_case(case_dir: Path, out: Path, epochs: int, steps: int, seed: int, expe
     pick(str(case_dir / "micrographs_ctf.star"), result.exp_dir / "checkpoints" / "best.pt", picks,
          PickConfig(threshold=0.0, device="cpu", overwrite=True), quiet=True, project_dir=case_dir)
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
-    o = evaluate(picks, case_dir / "truth", radius_px, threshold=DEFAULT_THRESHOLD).overall
+    threshold = checkpoint_default_threshold(result.exp_dir / "checkpoints" / "best.pt")
+    o = evaluate(picks, case_dir / "truth", radius_px, threshold=threshold).overall
     return {"case": case_dir.name, "ap": o["ap"], "best_f1": o["best_f1"], "best_threshold": o["best_threshold"],
             "f1_default": o["f1"], "precision": o["precision"], "recall": o["recall"],
-            "picks_default": o["n_picks"],
+            "picks_default": o["n_picks"], "threshold": threshold,
             "n_truth": o["n_truth"], "wall_s": wall, "cpu_s": cpu, "best_epoch": result.best_epoch,
             "epochs": result.epochs_run, "overall": {k: v for k, v in o.items() if isinstance(v, (int, float))}}
 
@@ -82,11 +84,11 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "overall"}), flush=True)
     (args.out / "defaults.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"| case | AP | best F1 (at p) | F1 at {DEFAULT_THRESHOLD:g} | P / R at {DEFAULT_THRESHOLD:g} | wall s | CPU s |")
+    print("| case | AP | best F1 (at p) | F1 at default (p) | P / R at default | wall s | CPU s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['ap']:.3f} | {r['best_f1']:.3f} ({r['best_threshold']:.3g}) | {r['f1_default']:.3f} "
-              f"| {r['precision']:.3f} / {r['recall']:.3f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |")
+              f"({r['threshold']:.3g}) | {r['precision']:.3f} / {r['recall']:.3f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |")
     return 0
 
 

@@ -21,7 +21,12 @@ import torch
 from calibration import accuracy_runs, demo_run, scored_run  # benchmarks/calibration.py (on sys.path)
 
 from cryopick.calibrate import Calibration, mixture_posterior, tightest_particle_count
-from cryopick.calibrate_model import calibrate_checkpoint, calibration_micrographs, peak_scores
+from cryopick.calibrate_model import (
+    calibrate_checkpoint,
+    calibration_micrographs,
+    checkpoint_default_threshold,
+    peak_scores,
+)
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.config import DEFAULT_THRESHOLD
 from cryopick.crops import hold_out_labels
@@ -58,13 +63,14 @@ def main() -> None:
     ap.add_argument("--accuracy-dir", type=Path, action="append", default=[], help="a benchmarks/accuracy.py --out directory")
     ap.add_argument("--demo-dir", type=Path, action="append", default=[], help="a cryopick demo output directory")
     ap.add_argument("--match", default="", help="only runs whose name contains this")
-    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                    help=f"the cut at which F1 is scored (default: pick's, {DEFAULT_THRESHOLD:g})")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="the cut at which F1 is scored (default: pick's for each calibration, half its estimated best "
+                    f"F1, at most {DEFAULT_THRESHOLD:g})")
     args = ap.parse_args()
     runs = [run for work in args.accuracy_dir for run in accuracy_runs(work)] + [demo_run(d) for d in args.demo_dir]
-    t = args.threshold
-    print(f"| run | counts: mixture : labels | calibration before → after | F1 at {t:g} before → after "
-          f"| P / R at {t:g} after (picks) | AP | best F1 |")
+    cut = "default" if args.threshold is None else f"{args.threshold:g}"
+    print(f"| run | counts: mixture : labels | calibration before → after | F1 at {cut} before → after (cut) "
+          f"| P / R at {cut} after (picks) | AP | best F1 |")
     print("|---|---|---|---|---|---|---|")
     for run in runs:
         if args.match not in run.name:
@@ -72,13 +78,16 @@ def main() -> None:
         ckpt = load_checkpoint(run.checkpoint)
         record, config = preprocess_from_checkpoint(ckpt), ckpt.get("config", {})
         radius = record.diameter_A / 2 / record.pixel_size
-        before, old = scored_run(run, radius, t), ckpt.get("calibration")
+        t_before = args.threshold if args.threshold is not None else checkpoint_default_threshold(run.checkpoint)
+        before, old = scored_run(run, radius, t_before), ckpt.get("calibration")
         held_out = held_out_like_train(run, config)
         estimates = counts(ckpt, held_out or calibration_micrographs(run.dataset)[0], radius)
         calibrate_checkpoint(run.checkpoint, run.dataset, config.get("loss", {}).get("expected_particles"),
                              torch.device("cpu"), held_out)
-        after, new = scored_run(run, radius, t), load_checkpoint(run.checkpoint).get("calibration")
+        t_after = args.threshold if args.threshold is not None else checkpoint_default_threshold(run.checkpoint)
+        after, new = scored_run(run, radius, t_after), load_checkpoint(run.checkpoint).get("calibration")
         print(f"| {run.name} | {estimates} | {describe(old)} → {describe(new)} | {before['f1']:.3f} → {after['f1']:.3f} "
+              f"({t_before:.3g} → {t_after:.3g}) "
               f"| {after['precision']:.3f} / {after['recall']:.3f} ({after['n_picks']}) | {after['ap']:.3f} "
               f"| {after['best_f1']:.3f} |", flush=True)
 

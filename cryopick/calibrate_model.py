@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryopick.calibrate import Calibration, fit_calibration
+from cryopick.calibrate import Calibration, default_threshold, fit_calibration
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.config import DEFAULT_THRESHOLD
 from cryopick.dataset import load_labeled_micrographs
@@ -96,6 +96,12 @@ def calibrate_checkpoint(checkpoint: str | Path, data_dir: str | Path, expected_
 
 
 
+def checkpoint_default_threshold(checkpoint: str | Path) -> float:
+    """The cut ``pick`` makes with ``checkpoint`` when given no --threshold (``default_threshold``)."""
+    data = load_checkpoint(checkpoint).get("calibration")
+    return default_threshold(Calibration.from_dict(data) if data else None)
+
+
 def held_out_metrics(model, held_out: list[dict], record, device: torch.device, prior: float) -> dict:
     """Dense training's validation: the held-out labels' peaks against every other peak, scored as pick scores.
 
@@ -131,8 +137,9 @@ def calibrate_best(best_path: Path, data_dir: str | Path, expected_particles: fl
              "(pick --expected-particles N prints the one giving N picks per micrograph) or retrain with "
              "--expected-particles N")
         return
-    info(f"pick calibration: {calibration.describe()}; pick's default p ≥ {DEFAULT_THRESHOLD} ↔ raw score "
-         f"{_fmt(calibration.raw_threshold(DEFAULT_THRESHOLD))}", quiet)
+    threshold = default_threshold(calibration)
+    info(f"pick calibration: {calibration.describe()}; pick's default p ≥ {threshold:.3g} (half the estimated best F1, "
+         f"at most {DEFAULT_THRESHOLD:g}) ↔ raw score {_fmt(calibration.raw_threshold(threshold))}", quiet)
 
 
 def _fmt(value: float | None) -> str:

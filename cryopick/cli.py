@@ -10,7 +10,7 @@ import typer
 
 from cryopick import __version__
 from cryopick.cliutil import QUIET, default, flag, renamed_option, user_errors
-from cryopick.config import EvaluateConfig, ExtractConfig, PickConfig, TrainConfig, resolve
+from cryopick.config import DEFAULT_THRESHOLD, EvaluateConfig, ExtractConfig, PickConfig, TrainConfig, resolve
 from cryopick.errors import CryopickError
 
 app = typer.Typer(
@@ -228,10 +228,11 @@ def pick(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (e.g. a RELION External/jobNNN/)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Calibrated probability (0–1) that a peak is "
                                               "a particle a pick must reach; it is written as "
-                                              "rlnAutopickFigureOfMerit, so you can also select later in RELION. The "
-                                              "default sits near the F1-optimal cut (half the best F1); 0.5 keeps "
-                                              "only the peaks more likely particles than not."
-                                              + default(PickConfig, "threshold")),
+                                              "rlnAutopickFigureOfMerit, so you can also select later in RELION. "
+                                              "Default: the F1-optimal cut, half the best F1 that train's "
+                                              f"calibration estimated, at most {DEFAULT_THRESHOLD:g} "
+                                              f"({DEFAULT_THRESHOLD:g} for a model without calibration); 0.5 keeps "
+                                              "only the peaks more likely particles than not."),
     radius: Optional[float] = typer.Option(None, "--radius", help="NMS radius, Å (default: half the particle "
                                            "diameter given to extract)."),
     radius_px: Optional[float] = typer.Option(None, "--radius-px", help="NMS radius in original micrograph pixels "

@@ -130,16 +130,19 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
 
 
-# pick's default cut on the calibrated P(particle | peak). The cut that maximises F1 on a calibrated posterior
-# is half the best F1 (Lipton et al. 2014), 0.40–0.48 for models worth picking with (best F1 0.8–0.95); the
-# estimated counts err low more often than high (labels are the clearest particles), so the posterior does
-# too: 0.4 reached 0.95 × the best F1 on all 20 stored models where 0.5 did on 17 (benchmarks/RESULTS.md)
+# the most pick's default cut on the calibrated P(particle | peak) can be (cryopick.calibrate.default_threshold:
+# half the estimated best F1, at most this). The cut that maximises F1 on a calibrated posterior is half the
+# best F1 (Lipton et al. 2014), 0.40–0.48 for models worth picking with (best F1 0.8–0.95); the estimated
+# counts err low more often than high (labels are the clearest particles), so the posterior does too: 0.4
+# reached 0.95 × the best F1 on all 20 stored models where 0.5 did on 17 (benchmarks/RESULTS.md)
 DEFAULT_THRESHOLD = 0.4
 
 
 @dataclass
 class PickConfig:
-    threshold: float = DEFAULT_THRESHOLD  # calibrated probability
+    # calibrated probability; None: the model's F1-optimal cut, half its estimated best F1, at most
+    # DEFAULT_THRESHOLD (cryopick.calibrate.default_threshold)
+    threshold: float | None = None
     radius: float | None = None  # NMS radius, Å; default: half the particle diameter from training
     radius_px: float | None = None  # NMS radius in original micrograph pixels (overrides radius)
     suffix: str = "cryopick"
@@ -307,7 +310,7 @@ RULES: dict[type, dict[str, Rule]] = {
         "val_budget": _r(None, 0, 100),
     },
     PickConfig: {
-        "threshold": _r("--threshold", 0, 1),
+        "threshold": _r("--threshold", 0, 1, optional=True),
         "radius": _r("--radius", 0, 1e5, optional=True),
         "radius_px": _r("--radius-px", 0, 1e6, optional=True),
         "suffix": _r("--suffix", pattern=r"[A-Za-z0-9._-]+", describe="letters, digits, '.', '_' and '-'"),

@@ -10,7 +10,7 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from cryopick.calibrate import Calibration
+from cryopick.calibrate import Calibration, default_threshold
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.config import DEFAULT_THRESHOLD, PickConfig, dump_yaml, validate
 from cryopick.dataset import fits_edge_padding
@@ -169,6 +169,8 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
     started = time.perf_counter()
     validate(config)
     ckpt = load_checkpoint(model)
+    calibration = _calibration(ckpt, quiet)
+    config = _with_threshold(config, calibration, quiet)
     record = preprocess_from_checkpoint(ckpt)
     network = model_from_checkpoint(ckpt)
     device = resolve_device(config.device)
@@ -195,7 +197,7 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
     if summary.skipped:
         info(f"{len(summary.skipped)} micrographs already picked in {out_root} with the same model and settings "
              "(kept; --overwrite redoes them)", quiet)
-    state = _RunState(summary, preview_stars=preview_stars, calibration=_calibration(ckpt, quiet))
+    state = _RunState(summary, preview_stars=preview_stars, calibration=calibration)
     if todo:
         scorer = DenseScorer(network, device, record.patch_size // 2, config.tile_size, config.amp)
         if config.overwrite:
@@ -281,6 +283,18 @@ def _calibration(ckpt: dict, quiet: bool) -> Calibration | None:
     calibration = Calibration.from_dict(data)
     info(f"calibrated scores: {calibration.describe()}", quiet)
     return calibration
+
+
+def _with_threshold(config: PickConfig, calibration: Calibration | None, quiet: bool) -> PickConfig:
+    """``config`` with its threshold set: the user's, else the model's default (``default_threshold``), which the
+    saved config and the outputs' provenance then record."""
+    if config.threshold is not None:
+        return config
+    threshold = default_threshold(calibration)
+    if calibration is not None and calibration.best_f1_estimate is not None:
+        info(f"threshold p ≥ {threshold:.3g}: half the estimated best F1 ({calibration.best_f1_estimate:.2f}), at most "
+             f"{DEFAULT_THRESHOLD:g} (--threshold sets your own)", quiet)
+    return replace(config, threshold=threshold)
 
 
 def validate_pick_config(config: PickConfig) -> None:

@@ -68,7 +68,8 @@ class Param:
 PARAMS: dict[str, Param] = {
     "model": Param(str, "checkpoint from cryopick train (best.pt): pick only, no training"),
     "diameter": Param(float, "particle diameter, Å (needed to train on hand picks)"),
-    "threshold": Param(float, f"probability 0–1 a pick must reach (default {DEFAULT_THRESHOLD}; also select later on the FOM)"),
+    "threshold": Param(float, f"probability 0–1 a pick must reach (default: half the model's estimated best F1, at "
+                       f"most {DEFAULT_THRESHOLD:g}; also select later on the FOM)"),
     "epochs": Param(int, "training epochs"),
     "steps_per_epoch": Param(int, "batches per training epoch"),
     "backbone": Param(str, "resnet8 (small, CPU), resnet18, resnet34, resnet50"),
@@ -104,7 +105,7 @@ class RelionJobSettings:
 
     model: str | None = None
     diameter: float | None = None
-    threshold: float = DEFAULT_THRESHOLD
+    threshold: float | None = None  # None: pick's default (cryopick.calibrate.default_threshold)
     epochs: int | None = None
     steps_per_epoch: int | None = None
     backbone: str | None = None

@@ -647,3 +647,31 @@ def test_extra_outputs_box_topaz_particles_and_preview(relion_project, blob_chec
     # 5 candidates well above 0.5 plus weaker noise peaks: the 3rd best of all candidates is a blob
     assert summary.expected_threshold is not None and summary.expected_threshold > 0.5
     assert sum(summary.histogram) >= 5 and sum(summary.histogram[5:]) == 5
+
+
+@pytest.mark.parametrize("estimated_f1, threshold, mic002_picks", [(0.5, 0.25, 3), (0.98, 0.4, 2)])
+def test_default_threshold_is_half_the_calibrations_best_f1_at_most_0_4(relion_project, blob_checkpoint,
+                                                                          estimated_f1, threshold, mic002_picks):
+    """Without --threshold pick cuts at F1*/2 (the F1-optimal cut of a posterior), capped at 0.4; the cut is
+    recorded in the summary and the saved config, and picks exactly what that explicit --threshold picks.
+
+    The calibration maps logit z to (z + 3)/6: raw 0.212 (mic002's best noise peak) → 0.28, 0.173 → 0.24;
+    the blobs (raw ≈ 1) → 0.99."""
+    from cryopick.calibrate import Calibration
+    from cryopick.checkpoint import load_checkpoint
+
+    calibration = Calibration((-3.0, 3.0), (0.0, 1.0), 2.5, 2, 100, 5, 5, True, best_f1_estimate=estimated_f1)
+    ckpt = load_checkpoint(blob_checkpoint)
+    ckpt["calibration"] = calibration.to_dict()
+    model = relion_project / "calibrated.pt"
+    torch.save(ckpt, model)
+    default = pick("micrographs.star", model, "default", quiet_config(), quiet=True)
+    explicit = pick("micrographs.star", model, "explicit", quiet_config(threshold=threshold), quiet=True)
+    assert default.threshold == pytest.approx(threshold)
+    assert resolve(PickConfig, relion_project / "default" / "pick_config.yaml").threshold == pytest.approx(threshold)
+    movies = "MotionCorr/job002/Movies"
+    assert default.counts == explicit.counts == {f"{movies}/mic001.mrc": 3, f"{movies}/mic002.mrc": mic002_picks,
+                                                 f"{movies}/mic003.mrc": 0}
+    for stem in ("mic001", "mic002"):
+        picked = read_coordinate_star(relion_project / "default" / "Movies" / f"{stem}_cryopick.star")
+        assert (picked.score >= threshold).all()

@@ -24,7 +24,6 @@ from typer.testing import CliRunner
 
 from cryopick import pick as pick_module
 from cryopick.cli import app
-from cryopick.config import DEFAULT_THRESHOLD
 from cryopick.io.mrc import write_mrc
 from cryopick.io.outputs import read_coordinate_star
 from cryopick.io.relion import star_loop, write_coordinate_files_list, write_coordinate_star, write_micrographs_star
@@ -276,12 +275,13 @@ def test_parse_params_types_spellings_and_errors():
     settings = parse_params(["--diameter", "150", "--balanced-prior=0.5", "--epochs", "10", "--threshold", "",
                              "--edge", "-1"])
     assert (settings.diameter, settings.balanced_prior, settings.epochs, settings.threshold, settings.edge) == (
-        150.0, 0.5, 10, DEFAULT_THRESHOLD, -1.0)
+        150.0, 0.5, 10, None, -1.0)  # threshold None: pick's default for the model
     with pytest.raises(Exception, match="expected float"):
         parse_params(["--diameter", "big"])
     with pytest.raises(Exception, match="expected auto, 3, 4 or 5"):
         relion_version(Path("."), "6")
-    assert parse_params(["--threshold", "--diameter", "80"]).threshold == DEFAULT_THRESHOLD  # an empty Params value
+    assert parse_params(["--threshold", "--diameter", "80"]).threshold is None  # an empty Params value
+    assert parse_params(["--threshold", "0.3"]).threshold == 0.3
     with pytest.raises(Exception, match="unexpected argument"):
         parse_params(["150"])
     assert parse_params(["--expected", "250"]).expected_particles == 250.0  # the row's old label
