@@ -30,6 +30,7 @@ import starfile
 from accuracy import PROFILES, prepare_case, run_cryopick  # benchmarks/accuracy.py (on sys.path)
 
 from cryopick.io.coords import read_coordinates
+from cryopick.metrics import average_precision, precision_recall_curve
 from cryopick.pickmatch import match_picks
 from cryopick.simulate import SimulationParams, carbon_mask
 
@@ -57,11 +58,9 @@ def by_micrograph(spec: Path) -> dict[str, pd.DataFrame]:
     return {Path(t.micrograph or t.source.stem).stem: t.coords for t in read_coordinates(spec)}
 
 
-def average_precision(scores: list[np.ndarray], hits: list[np.ndarray], n_truth: int) -> float:
-    s, h = np.concatenate(scores), np.concatenate(hits)
-    order = np.argsort(-s)
-    tp = np.cumsum(h[order])
-    return float((tp / np.arange(1, len(order) + 1) * h[order]).sum() / n_truth)
+def pooled_ap(scores: list[np.ndarray], hits: list[np.ndarray], n_truth: int) -> float:
+    """AP of the picks of every micrograph pooled, as ``cryopick.evaluate`` computes it."""
+    return average_precision(*precision_recall_curve(np.concatenate(scores), np.concatenate(hits), n_truth)[:2])
 
 
 def carbon_row(picks: Path, truth: dict[str, np.ndarray], masks: dict[str, np.ndarray], radius: float) -> str:
@@ -80,8 +79,8 @@ def carbon_row(picks: Path, truth: dict[str, np.ndarray], masks: dict[str, np.nd
         carbon_scores.append(s[pick_on][match_picks(xy[pick_on], s[pick_on], ref[ref_on], radius)])
     n = sum(len(v) for v in truth.values())
     median = np.median(np.concatenate(carbon_scores)) if n_carbon else float("nan")
-    return (f"{average_precision(scores, hits, n):.3f} | {n_carbon} of {n} | {median:.3f} | "
-            f"{average_precision(kept_scores, kept_hits, n - n_carbon):.3f}")
+    return (f"{pooled_ap(scores, hits, n):.3f} | {n_carbon} of {n} | {median:.3f} | "
+            f"{pooled_ap(kept_scores, kept_hits, n - n_carbon):.3f}")
 
 
 def label_carbon(case_name: str, work: Path, out: Path) -> Path:
