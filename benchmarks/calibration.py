@@ -2,7 +2,8 @@
 
 "0.5" below is pick's default until 2026-12-06; from then to 2026-12-07 it is ``DEFAULT_THRESHOLD`` (0.4, the
 second table's "calibrated 0.4" column), chosen with this script; since then half the calibration's estimated
-best F1, at most 0.4 (``cryopick.calibrate.default_threshold``: the column "pick's default").
+best F1, at most 0.4 (``cryopick.calibrate.default_threshold``: the column "pick's default"), and since the
+later 2026-12-07 release only for a mixture calibration, 0.4 for the labels' step posterior.
 
 For each trained run, the calibration peaks are found as ``train`` finds them (its held-out labels on the
 labeled micrographs, training labels set aside), every micrograph is picked with raw scores, and F1 at
@@ -263,7 +264,7 @@ CUT_COLUMNS = {"shipped": "calibrated 0.5 (shipped)", "BIC": "0.5, BIC's choice 
                "1 then 2 bg": "0.5, 1 bg then 2 bg", "2 bg": "0.5, 2 bg", "cut est": "count cut, estimated count",
                "cut true": "count cut, true count", "given mean": "0.5 given the mean count",
                "cut mean": "count cut, mean count", **{f"p {c}": f"calibrated {c}" for c in FIXED_CUTS},
-               "default": "pick's default (F1*/2, at most 0.4)", "given default": "pick's default, true count"}
+               "default": "pick's default (mixture: F1*/2, at most 0.4)", "given default": "pick's default, true count"}
 
 
 def print_cut_table(rows: list[dict]) -> None:

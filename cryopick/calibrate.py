@@ -142,18 +142,32 @@ class Calibration:
 
 
 def default_threshold(calibration: Calibration | None) -> float:
-    """Pick's cut when the user gives none: half the calibration's estimated best F1, at most
-    ``DEFAULT_THRESHOLD``.
+    """Pick's cut when the user gives none: half the estimated best F1 of a mixture calibration, at most
+    ``DEFAULT_THRESHOLD``; ``DEFAULT_THRESHOLD`` otherwise.
 
     Keeping a peak of posterior q raises the expected F1 exactly when q > F1*/2 (Lipton et al. 2014). The cap
     keeps a usable model's cut (best F1 0.8–1: 0.40–0.50) at 0.4, because the estimated counts, and with
-    them the posteriors, err low more often than high; a weak model's optimal cut lies lower (best F1 0.64:
-    0.32), and there 0.4 dropped a band of peaks whose posterior the few held-out labels put at 0.37.
-    Uncalibrated models (raw scores) and calibrations without an F1 estimate get ``DEFAULT_THRESHOLD``.
+    them the posteriors, err low more often than high. Only the mixture's smooth posterior is trusted below
+    0.4: the labels' posterior is a step table read off 10–30 held-out labels, where one label more or less
+    in a band of peaks moves its value by 0.1–0.3, so F1*/2 falls on either side of a step by chance (on
+    dev-sparse: 0.633 against 0.624 at 0.4 on one machine, 0.560 against 0.632 on another;
+    benchmarks/RESULTS.md). Uncalibrated models (raw scores) and calibrations without an F1 estimate get
+    ``DEFAULT_THRESHOLD`` too.
     """
-    if calibration is None or calibration.best_f1_estimate is None:
+    if calibration is None or calibration.best_f1_estimate is None or calibration.method != "mixture":
         return DEFAULT_THRESHOLD
     return float(min(DEFAULT_THRESHOLD, calibration.best_f1_estimate / 2))
+
+
+def threshold_reason(calibration: Calibration | None) -> str:
+    """Why ``default_threshold`` chose its cut, in words for the log."""
+    if calibration is None:
+        return "an uncalibrated model's fixed cut"
+    if calibration.best_f1_estimate is None:
+        return "the fixed cut (a calibration without an F1 estimate)"
+    if calibration.method != "mixture":
+        return "the fixed cut: the held-out labels' step posterior is too coarse to cut lower by"
+    return f"half the estimated best F1 ({calibration.best_f1_estimate:.2f}), at most {DEFAULT_THRESHOLD:g}"
 
 
 def clipped_logit(probabilities) -> np.ndarray:

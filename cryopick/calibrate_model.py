@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryopick.calibrate import Calibration, default_threshold, fit_calibration
+from cryopick.calibrate import Calibration, default_threshold, fit_calibration, threshold_reason
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
-from cryopick.config import DEFAULT_THRESHOLD
 from cryopick.dataset import load_labeled_micrographs
 from cryopick.errors import CryopickError
 from cryopick.fsutil import save_torch_atomic
@@ -138,8 +137,8 @@ def calibrate_best(best_path: Path, data_dir: str | Path, expected_particles: fl
              "--expected-particles N")
         return
     threshold = default_threshold(calibration)
-    info(f"pick calibration: {calibration.describe()}; pick's default p ≥ {threshold:.3g} (half the estimated best F1, "
-         f"at most {DEFAULT_THRESHOLD:g}) ↔ raw score {_fmt(calibration.raw_threshold(threshold))}", quiet)
+    info(f"pick calibration: {calibration.describe()}; pick's default p ≥ {threshold:.3g} "
+         f"({threshold_reason(calibration)}) ↔ raw score {_fmt(calibration.raw_threshold(threshold))}", quiet)
 
 
 def _fmt(value: float | None) -> str:

@@ -163,7 +163,9 @@ def train(
                                           "(default: 0 for dense, the balanced positive-vs-unlabeled risk that needs no "
                                           "count; 0.3 for patches)."),
     expected_particles: Optional[float] = typer.Option(None, "--expected-particles", help="Particles per micrograph; "
-                                                       "sets π from the positive radius and micrograph area."),
+                                                       "replaces the estimated count in pick's calibration (and, "
+                                                       "for --mode patches, sets π from the positive radius and "
+                                                       "micrograph area)."),
     balanced_prior: Optional[float] = typer.Option(None, "--balanced-prior", help="Imbalanced nnPU (Su et al. 2021): "
                                                    "weigh the risks as if the prior were this (e.g. 0.5) so rare "
                                                    "particles reach probabilities above 0.5 (default: 0.5 for dense, "
@@ -229,9 +231,9 @@ def pick(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Calibrated probability (0–1) that a peak is "
                                               "a particle a pick must reach; it is written as "
                                               "rlnAutopickFigureOfMerit, so you can also select later in RELION. "
-                                              "Default: the F1-optimal cut, half the best F1 that train's "
-                                              f"calibration estimated, at most {DEFAULT_THRESHOLD:g} "
-                                              f"({DEFAULT_THRESHOLD:g} for a model without calibration); 0.5 keeps "
+                                              f"Default: {DEFAULT_THRESHOLD:g}, or lower for a weak model whose "
+                                              "calibration fitted a mixture: the F1-optimal cut, half the best F1 "
+                                              "it estimated; 0.5 keeps "
                                               "only the peaks more likely particles than not."),
     radius: Optional[float] = typer.Option(None, "--radius", help="NMS radius, Å (default: half the particle "
                                            "diameter given to extract)."),

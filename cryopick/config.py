@@ -66,7 +66,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     prior: float | None = None  # π, fraction of unlabeled samples that are particles; None: 0 dense, 0.3 patches
-    expected_particles: float | None = None  # particles per micrograph; sets π when given
+    expected_particles: float | None = None  # particles per micrograph: calibrates pick (patches: also sets π)
     nnpu_beta: float = 0.0  # Kiryo's β: negative risk below −β triggers defitting
     nnpu_gamma: float = 1.0  # Kiryo's γ: step size of the defitting step
     defitting: bool = True  # gradient ascent on −γ·(negative risk) when it drops below −β

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from cryopick.calibrate import Calibration, default_threshold
+from cryopick.calibrate import Calibration, default_threshold, threshold_reason
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.config import DEFAULT_THRESHOLD, PickConfig, dump_yaml, validate
 from cryopick.dataset import fits_edge_padding
@@ -291,9 +291,7 @@ def _with_threshold(config: PickConfig, calibration: Calibration | None, quiet: 
     if config.threshold is not None:
         return config
     threshold = default_threshold(calibration)
-    if calibration is not None and calibration.best_f1_estimate is not None:
-        info(f"threshold p ≥ {threshold:.3g}: half the estimated best F1 ({calibration.best_f1_estimate:.2f}), at most "
-             f"{DEFAULT_THRESHOLD:g} (--threshold sets your own)", quiet)
+    info(f"threshold p ≥ {threshold:.3g}: {threshold_reason(calibration)} (--threshold sets your own)", quiet)
     return replace(config, threshold=threshold)
 
 

@@ -68,13 +68,13 @@ class Param:
 PARAMS: dict[str, Param] = {
     "model": Param(str, "checkpoint from cryopick train (best.pt): pick only, no training"),
     "diameter": Param(float, "particle diameter, Å (needed to train on hand picks)"),
-    "threshold": Param(float, f"probability 0–1 a pick must reach (default: half the model's estimated best F1, at "
-                       f"most {DEFAULT_THRESHOLD:g}; also select later on the FOM)"),
+    "threshold": Param(float, f"probability 0–1 a pick must reach (default: as cryopick pick, "
+                       f"{DEFAULT_THRESHOLD:g} or lower for a weak model; also select later on the FOM)"),
     "epochs": Param(int, "training epochs"),
     "steps_per_epoch": Param(int, "batches per training epoch"),
     "backbone": Param(str, "resnet8 (small, CPU), resnet18, resnet34, resnet50"),
     "device": Param(str, "auto (GPU when present), cpu, cuda or cuda:N"),
-    "expected_particles": Param(float, "particles per micrograph: sets the training prior, reports its pick "
+    "expected_particles": Param(float, "particles per micrograph: calibrates the picks, reports its pick "
                                 "threshold"),
     "balanced_prior": Param(float, "imbalanced nnPU prior π' (e.g. 0.5)"),
     "val_fraction": Param(float, "fraction of micrographs held out for validation"),

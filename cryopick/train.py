@@ -197,6 +197,12 @@ def _on(data: SplitData, device: torch.device) -> SplitData:
     return data.to(device) if device.type == "cuda" else data
 
 
+def _count_note(config: TrainConfig) -> str:
+    if config.loss.expected_particles is None or config.data.mode != "dense":
+        return ""
+    return f" (your count, {config.loss.expected_particles:g} per micrograph, calibrates the picks)"
+
+
 def build_run(config: TrainConfig, exp_dir: Path, quiet: bool) -> Run:
     """Device and ranks, the dataset and its prior, the model, teacher and optimiser, the P:U sampler."""
     dist = Distributed(resolve_device(config.train.device))
@@ -206,7 +212,8 @@ def build_run(config: TrainConfig, exp_dir: Path, quiet: bool) -> Run:
     prior = resolve_prior(config, dataset)
     shift_px = positive_radius_px(config.data.max_shift, dataset.record)
     info(f"dataset {dataset.source}: {len(dataset.train.positive)} positive / {len(dataset.train.unlabeled)} "
-         f"unlabeled (train), {len(dataset.val.positive)} / {len(dataset.val.unlabeled)} (val); prior π = {prior:.4g}; "
+         f"unlabeled (train), {len(dataset.val.positive)} / {len(dataset.val.unlabeled)} (val); prior π = {prior:.4g}"
+         f"{_count_note(config)}; "
          f"positive radius {shift_px:.1f} binned px; device {device}", quiet or not dist.main)
     on_cuda = device.type == "cuda"
     channels_last = config.train.channels_last  # faster on CUDA and on CPUs (oneDNN) alike

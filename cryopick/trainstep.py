@@ -36,16 +36,19 @@ PATCH_PRIOR = 0.3  # the design document's π for the patch classifier
 
 
 def resolve_prior(config: TrainConfig, dataset: PatchDataset) -> float:
-    """π from ``loss.expected_particles`` (fraction of centres, or map samples, within the positive radius), else
-    ``loss.prior``, else 0 for dense training (the balanced positive-vs-unlabeled limit) and 0.3 for patches."""
-    if config.loss.expected_particles is not None:
+    """π of the PU risk: ``loss.prior`` when given, else 0 for dense training (the balanced positive-vs-unlabeled
+    limit) and, for patches, the fraction of centres within the positive radius that ``loss.expected_particles``
+    implies, or 0.3. Dense training leaves the count to the calibration: its π-free score ranks like the
+    posterior, and the count's π gained nothing on six cases (benchmarks/RESULTS.md)."""
+    dense = config.data.mode == "dense"
+    if config.loss.expected_particles is not None and not dense:
         if dataset.mean_binned_area <= 0:
             raise CryopickError("the dataset does not record micrograph sizes; give loss.prior instead")
         radius = positive_radius_px(config.data.max_shift, dataset.record)
         return prior_from_expected_particles(config.loss.expected_particles, radius, dataset.mean_binned_area)
     prior = config.loss.prior
     if prior is None:
-        return 0.0 if config.data.mode == "dense" else PATCH_PRIOR
+        return 0.0 if dense else PATCH_PRIOR
     if not 0 <= prior < 1 or (prior == 0 and balanced_prior(config) is None):
         raise CryopickError(f"loss.prior must be in (0, 1) (0 only with loss.balanced_prior), got {prior}")
     return prior

@@ -359,17 +359,19 @@ def test_estimated_best_f1_threshold_by_hand():
     assert f"best F1 {cal.best_f1_estimate:.2f}" in cal.describe() and 0 < cal.best_f1_threshold <= 1
 
 
-def test_default_threshold_is_half_the_estimated_best_f1_capped_at_0_4():
+def test_default_threshold_is_half_a_mixtures_estimated_best_f1_capped_at_0_4():
     from cryopick.calibrate import Calibration, default_threshold
 
-    def calibration(f1):
-        return Calibration((-3.0, 3.0), (0.0, 1.0), 20.0, 2, 500, 10, 10, True, best_f1_estimate=f1)
+    def calibration(f1, method="mixture"):
+        return Calibration((-3.0, 3.0), (0.0, 1.0), 20.0, 2, 500, 10, 10, True, best_f1_estimate=f1, method=method)
 
     assert default_threshold(None) == 0.4  # raw scores: the fixed cut
     assert default_threshold(calibration(None)) == 0.4  # a calibration stored before the F1 estimate
     assert default_threshold(calibration(0.64)) == pytest.approx(0.32)  # a weak model: its optimal cut
     assert default_threshold(calibration(0.79)) == pytest.approx(0.395)
     assert default_threshold(calibration(0.81)) == 0.4 and default_threshold(calibration(0.99)) == 0.4
+    # the labels' step posterior is too coarse to cut below 0.4 by: one label moves a step by 0.1–0.3
+    assert default_threshold(calibration(0.64, "labels")) == 0.4
 
 
 def test_the_f1_optimal_cut_of_a_posterior_is_half_the_best_f1():

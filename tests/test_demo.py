@@ -33,28 +33,38 @@ def test_demo_refuses_a_non_empty_directory(tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
 
 
-# The figures `cryopick demo` prints with its defaults (2 CPU cores, torch 2.13.0+cpu; README "What to expect").
-DEMO_FIGURES = {"precision": 0.925, "recall": 0.865, "f1": 0.894, "ap": 0.862}
+# The figures `cryopick demo` prints with its defaults (2 CPU cores, torch 2.13.0+cpu; README "What to expect"),
+# one line per kind of CPU measured: the same on every run on one machine, but the vector unit's rounding changes
+# the training's path, by up to 0.03 between these two.
+DEMO_FIGURES = {
+    "AMD EPYC, AVX2": {"precision": 0.925, "recall": 0.865, "f1": 0.894, "ap": 0.862},
+    "Intel Xeon, AVX-512": {"precision": 0.947, "recall": 0.836, "f1": 0.888, "ap": 0.834},
+}
+
+
+def _close_to(overall: dict, figures: dict) -> bool:
+    return all(overall[key] == pytest.approx(value, abs=0.02) for key, value in figures.items())
 
 
 def test_demo_prints_the_figures_the_readme_shows(tmp_path):
     # the full demo: 3.5–6 min on 2 cores (benchmarks/RESULTS.md), run by default because
     # the README's figures are the first thing a user checks
     report, _ = run_demo(tmp_path / "demo", DemoSettings(device="cpu"), quiet=True)
-    for key, value in DEMO_FIGURES.items():
-        assert report.overall[key] == pytest.approx(value, abs=0.02), key
+    shown = {key: round(report.overall[key], 3) for key in ("precision", "recall", "f1", "ap")}
+    assert any(_close_to(report.overall, figures) for figures in DEMO_FIGURES.values()), \
+        f"the demo printed {shown}, within 0.02 of no line the README shows"
+    assert report.overall["f1"] >= 0.85  # issue 8's bar for a first run
 
 
 def test_readme_shows_the_pinned_demo_figures():
-    """The line the README quotes is the one the pinned figures describe."""
+    """The lines the README quotes are the ones the pinned figures describe."""
     import re
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    found = re.search(r"demo: precision ([\d.]+)\s+recall ([\d.]+)\s+F1 ([\d.]+)\s+AP ([\d.]+)", readme)
-    assert found, "README quotes no demo line"
-    shown = dict(zip(("precision", "recall", "f1", "ap"), map(float, found.groups())))
-    assert shown == DEMO_FIGURES
+    found = re.findall(r"demo: precision ([\d.]+)\s+recall ([\d.]+)\s+F1 ([\d.]+)\s+AP ([\d.]+)", readme)
+    shown = [dict(zip(("precision", "recall", "f1", "ap"), map(float, line))) for line in found]
+    assert shown == list(DEMO_FIGURES.values())
 
 
 def test_cli_demo_defaults_are_the_demo_settings():

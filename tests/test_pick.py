@@ -649,18 +649,22 @@ def test_extra_outputs_box_topaz_particles_and_preview(relion_project, blob_chec
     assert sum(summary.histogram) >= 5 and sum(summary.histogram[5:]) == 5
 
 
-@pytest.mark.parametrize("estimated_f1, threshold, mic002_picks", [(0.5, 0.25, 3), (0.98, 0.4, 2)])
+@pytest.mark.parametrize("estimated_f1, method, threshold, mic002_picks",
+                         [(0.5, "mixture", 0.25, 3), (0.98, "mixture", 0.4, 2), (0.5, "labels", 0.4, 2)])
 def test_default_threshold_is_half_the_calibrations_best_f1_at_most_0_4(relion_project, blob_checkpoint,
-                                                                          estimated_f1, threshold, mic002_picks):
-    """Without --threshold pick cuts at F1*/2 (the F1-optimal cut of a posterior), capped at 0.4; the cut is
-    recorded in the summary and the saved config, and picks exactly what that explicit --threshold picks.
+                                                                          estimated_f1, method, threshold,
+                                                                          mic002_picks):
+    """Without --threshold pick cuts at F1*/2 (the F1-optimal cut of a posterior) of a mixture calibration,
+    capped at 0.4, and at 0.4 on the labels' coarse step posterior; the cut is recorded in the summary and the
+    saved config, and picks exactly what that explicit --threshold picks.
 
     The calibration maps logit z to (z + 3)/6: raw 0.212 (mic002's best noise peak) → 0.28, 0.173 → 0.24;
     the blobs (raw ≈ 1) → 0.99."""
     from cryopick.calibrate import Calibration
     from cryopick.checkpoint import load_checkpoint
 
-    calibration = Calibration((-3.0, 3.0), (0.0, 1.0), 2.5, 2, 100, 5, 5, True, best_f1_estimate=estimated_f1)
+    calibration = Calibration((-3.0, 3.0), (0.0, 1.0), 2.5, 2, 100, 5, 5, True, best_f1_estimate=estimated_f1,
+                              method=method)
     ckpt = load_checkpoint(blob_checkpoint)
     ckpt["calibration"] = calibration.to_dict()
     model = relion_project / "calibrated.pt"

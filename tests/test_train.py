@@ -57,13 +57,27 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_prior_from_expected_particles_uses_the_positive_radius(dataset_dir, tmp_path):
-    cfg = _config(dataset_dir, tmp_path, **{"loss.expected_particles": 20.0})
+    cfg = _config(dataset_dir, tmp_path, **{"loss.expected_particles": 20.0, "data.mode": "patches"})
     ds = load_dataset(dataset_dir)
     r = positive_radius_px(cfg.data.max_shift, ds.record)
     assert r == pytest.approx(0.125 * 80.0)  # max_shift × diameter (80 binned px)
     assert resolve_prior(cfg, ds) == pytest.approx(20 * math.pi * r**2 / (384 * 384))
     assert resolve_prior(_config(dataset_dir, tmp_path), ds) == 0.0  # dense: balanced P vs U
     assert resolve_prior(_config(dataset_dir, tmp_path, **{"data.mode": "patches"}), ds) == 0.3
+
+
+def test_dense_training_leaves_the_count_to_the_calibration(dataset_dir, tmp_path):
+    ds = load_dataset(dataset_dir)
+    counted = _config(dataset_dir, tmp_path, **{"loss.expected_particles": 20.0})
+    assert resolve_prior(counted, ds) == 0.0  # the same π-free risk as without a count
+    assert resolve_prior(_config(dataset_dir, tmp_path, **{"loss.expected_particles": 20.0, "loss.prior": 0.05}),
+                         ds) == 0.05  # an explicit π still trains nnPU with it
+    train(_config(dataset_dir, tmp_path / "a"), quiet=True)
+    train(_config(dataset_dir, tmp_path / "b", **{"loss.expected_particles": 20.0}), quiet=True)
+    plain, given = (load_checkpoint(tmp_path / d / "run" / "checkpoints" / "best.pt") for d in "ab")
+    assert given["training_state"]["prior"] == 0.0
+    assert all(torch.equal(plain["ema_state"][k], given["ema_state"][k]) for k in plain["ema_state"])
+    assert given["calibration"]["count_given"] and given["calibration"]["particles_per_micrograph"] == 20.0
 
 
 @pytest.mark.parametrize("mode", ["dense", "patches"])
