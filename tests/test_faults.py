@@ -159,7 +159,7 @@ def test_help_shows_defaults_flags_examples_and_install_hints():
     for needle in ("[default: resnet18]", "[default: 50]", "[default: dense]", "(default: 0 for dense", "[default: selective]",
                    "--amp", "--no-amp", "--no-ema"):
         assert needle in train_help, needle
-    assert f"calibration estimated, at most {DEFAULT_THRESHOLD:g}" in texts["pick"]  # --threshold's default
+    assert f"Default: {DEFAULT_THRESHOLD:g}, or lower for a weak model" in texts["pick"]  # --threshold's default
     assert "[default: 0.2]" in texts["extract"]
     assert "cryopick[plot]" in texts["evaluate"]
     for command, text in texts.items():
