@@ -30,8 +30,8 @@ particle's score looks like (f_P; unmatched labels count as "never picked"), all
   slope, so every calibration peak keeps its own value) and applied by pick, so a pick's figure of
   merit is "the probability that this peak is a particle", and 0.5 means "more likely a particle than not".
   Pick's default cut is lower (``default_threshold``): on a posterior the F1-optimal cut is half the best
-  F1 (Lipton et al. 2014), so pick cuts at half the estimated best F1, at most
-  ``cryopick.config.DEFAULT_THRESHOLD``.
+  F1 (Lipton et al. 2014): ``cryopick.config.DEFAULT_THRESHOLD``, or half a mixture's estimated best F1
+  where that is lower (the labels' step table is too coarse to cut lower by).
 
 The labels should not have trained the model (held-out micrographs), or f_P is optimistic.
 """

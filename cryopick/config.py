@@ -130,8 +130,8 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
 
 
-# the most pick's default cut on the calibrated P(particle | peak) can be (cryopick.calibrate.default_threshold:
-# half the estimated best F1, at most this). The cut that maximises F1 on a calibrated posterior is half the
+# pick's default cut on the calibrated P(particle | peak) (cryopick.calibrate.default_threshold: this, or half a
+# mixture calibration's estimated best F1 where that is lower). The cut that maximises F1 on a calibrated posterior is half the
 # best F1 (Lipton et al. 2014), 0.40–0.48 for models worth picking with (best F1 0.8–0.95); the estimated
 # counts err low more often than high (labels are the clearest particles), so the posterior does too: 0.4
 # reached 0.95 × the best F1 on all 20 stored models where 0.5 did on 17 (benchmarks/RESULTS.md)
@@ -140,8 +140,8 @@ DEFAULT_THRESHOLD = 0.4
 
 @dataclass
 class PickConfig:
-    # calibrated probability; None: the model's F1-optimal cut, half its estimated best F1, at most
-    # DEFAULT_THRESHOLD (cryopick.calibrate.default_threshold)
+    # calibrated probability; None: the model's default (cryopick.calibrate.default_threshold): DEFAULT_THRESHOLD,
+    # or half a mixture calibration's estimated best F1 where that is lower
     threshold: float | None = None
     radius: float | None = None  # NMS radius, Å; default: half the particle diameter from training
     radius_px: float | None = None  # NMS radius in original micrograph pixels (overrides radius)
