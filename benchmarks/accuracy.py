@@ -694,8 +694,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="give cryopick the true particle count (--expected-particles); default: nothing but the diameter")
     ap.add_argument("--topaz-stock", action="store_true", help="also run Topaz with its stock (inflated) prior")
     ap.add_argument("--threshold", type=float, default=None,
-                    help="cryopick's cut for P/R/F1 at default (default: pick's for each trained model, half its "
-                    f"estimated best F1, at most {DEFAULT_THRESHOLD:g}); AP and best F1 do not depend on it")
+                    help="cryopick's cut for P/R/F1 at default (default: pick's for each trained model, "
+                    f"{DEFAULT_THRESHOLD:g} or half a mixture calibration's estimated best F1 where lower); AP and "
+                    "best F1 do not depend on it")
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished rows of OUT/results.json (same profile) and run only the missing ones")
     ap.add_argument("--results", default=None,

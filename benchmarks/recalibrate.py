@@ -64,8 +64,8 @@ def main() -> None:
     ap.add_argument("--demo-dir", type=Path, action="append", default=[], help="a cryopick demo output directory")
     ap.add_argument("--match", default="", help="only runs whose name contains this")
     ap.add_argument("--threshold", type=float, default=None,
-                    help="the cut at which F1 is scored (default: pick's for each calibration, half its estimated best "
-                    f"F1, at most {DEFAULT_THRESHOLD:g})")
+                    help="the cut at which F1 is scored (default: pick's for each calibration, "
+                    f"{DEFAULT_THRESHOLD:g} or half a mixture's estimated best F1 where lower)")
     args = ap.parse_args()
     runs = [run for work in args.accuracy_dir for run in accuracy_runs(work)] + [demo_run(d) for d in args.demo_dir]
     cut = "default" if args.threshold is None else f"{args.threshold:g}"

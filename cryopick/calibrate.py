@@ -142,8 +142,13 @@ class Calibration:
 
 
 def default_threshold(calibration: Calibration | None) -> float:
-    """Pick's cut when the user gives none: half the estimated best F1 of a mixture calibration, at most
-    ``DEFAULT_THRESHOLD``; ``DEFAULT_THRESHOLD`` otherwise.
+    """Pick's cut when the user gives none (``default_cut``)."""
+    return default_cut(calibration)[0]
+
+
+def default_cut(calibration: Calibration | None) -> tuple[float, str]:
+    """Pick's cut when the user gives none, and why in words for the log: half the estimated best F1 of a
+    mixture calibration, at most ``DEFAULT_THRESHOLD``; ``DEFAULT_THRESHOLD`` otherwise.
 
     Keeping a peak of posterior q raises the expected F1 exactly when q > F1*/2 (Lipton et al. 2014). The cap
     keeps a usable model's cut (best F1 0.8–1: 0.40–0.50) at 0.4, because the estimated counts, and with
@@ -154,20 +159,14 @@ def default_threshold(calibration: Calibration | None) -> float:
     benchmarks/RESULTS.md). Uncalibrated models (raw scores) and calibrations without an F1 estimate get
     ``DEFAULT_THRESHOLD`` too.
     """
-    if calibration is None or calibration.best_f1_estimate is None or calibration.method != "mixture":
-        return DEFAULT_THRESHOLD
-    return float(min(DEFAULT_THRESHOLD, calibration.best_f1_estimate / 2))
-
-
-def threshold_reason(calibration: Calibration | None) -> str:
-    """Why ``default_threshold`` chose its cut, in words for the log."""
     if calibration is None:
-        return "an uncalibrated model's fixed cut"
+        return DEFAULT_THRESHOLD, "an uncalibrated model's fixed cut"
     if calibration.best_f1_estimate is None:
-        return "the fixed cut (a calibration without an F1 estimate)"
+        return DEFAULT_THRESHOLD, "the fixed cut (a calibration without an F1 estimate)"
     if calibration.method != "mixture":
-        return "the fixed cut: the held-out labels' step posterior is too coarse to cut lower by"
-    return f"half the estimated best F1 ({calibration.best_f1_estimate:.2f}), at most {DEFAULT_THRESHOLD:g}"
+        return DEFAULT_THRESHOLD, "the fixed cut: the held-out labels' step posterior is too coarse to cut lower by"
+    return (float(min(DEFAULT_THRESHOLD, calibration.best_f1_estimate / 2)),
+            f"half the estimated best F1 ({calibration.best_f1_estimate:.2f}), at most {DEFAULT_THRESHOLD:g}")
 
 
 def clipped_logit(probabilities) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryopick.calibrate import Calibration, default_threshold, fit_calibration, threshold_reason
+from cryopick.calibrate import Calibration, default_cut, default_threshold, fit_calibration
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.dataset import load_labeled_micrographs
 from cryopick.errors import CryopickError
@@ -136,9 +136,9 @@ def calibrate_best(best_path: Path, data_dir: str | Path, expected_particles: fl
              "(pick --expected-particles N prints the one giving N picks per micrograph) or retrain with "
              "--expected-particles N")
         return
-    threshold = default_threshold(calibration)
+    threshold, reason = default_cut(calibration)
     info(f"pick calibration: {calibration.describe()}; pick's default p ≥ {threshold:.3g} "
-         f"({threshold_reason(calibration)}) ↔ raw score {_fmt(calibration.raw_threshold(threshold))}", quiet)
+         f"({reason}) ↔ raw score {_fmt(calibration.raw_threshold(threshold))}", quiet)
 
 
 def _fmt(value: float | None) -> str:

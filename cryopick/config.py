@@ -130,11 +130,12 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
 
 
-# pick's default cut on the calibrated P(particle | peak) (cryopick.calibrate.default_threshold: this, or half a
-# mixture calibration's estimated best F1 where that is lower). The cut that maximises F1 on a calibrated posterior is half the
-# best F1 (Lipton et al. 2014), 0.40–0.48 for models worth picking with (best F1 0.8–0.95); the estimated
-# counts err low more often than high (labels are the clearest particles), so the posterior does too: 0.4
-# reached 0.95 × the best F1 on all 20 stored models where 0.5 did on 17 (benchmarks/RESULTS.md)
+# pick's default cut on the calibrated P(particle | peak) (cryopick.calibrate.default_cut: this, or half a
+# mixture calibration's estimated best F1 where that is lower). The cut that maximises F1 on a calibrated
+# posterior is half the best F1 (Lipton et al. 2014), 0.40–0.48 for models worth picking with (best F1
+# 0.8–0.95); the estimated counts err low more often than high (labels are the clearest particles), so the
+# posterior does too: 0.4 reached 0.95 × the best F1 on all 20 stored models where 0.5 did on 17
+# (benchmarks/RESULTS.md)
 DEFAULT_THRESHOLD = 0.4
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from cryopick.calibrate import Calibration, default_threshold, threshold_reason
+from cryopick.calibrate import Calibration, default_cut
 from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.config import DEFAULT_THRESHOLD, PickConfig, dump_yaml, validate
 from cryopick.dataset import fits_edge_padding
@@ -286,12 +286,12 @@ def _calibration(ckpt: dict, quiet: bool) -> Calibration | None:
 
 
 def _with_threshold(config: PickConfig, calibration: Calibration | None, quiet: bool) -> PickConfig:
-    """``config`` with its threshold set: the user's, else the model's default (``default_threshold``), which the
+    """``config`` with its threshold set: the user's, else the model's default (``default_cut``), which the
     saved config and the outputs' provenance then record."""
     if config.threshold is not None:
         return config
-    threshold = default_threshold(calibration)
-    info(f"threshold p ≥ {threshold:.3g}: {threshold_reason(calibration)} (--threshold sets your own)", quiet)
+    threshold, reason = default_cut(calibration)
+    info(f"threshold p ≥ {threshold:.3g}: {reason} (--threshold sets your own)", quiet)
     return replace(config, threshold=threshold)
 
 

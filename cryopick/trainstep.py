@@ -36,9 +36,9 @@ PATCH_PRIOR = 0.3  # the design document's π for the patch classifier
 
 
 def resolve_prior(config: TrainConfig, dataset: PatchDataset) -> float:
-    """π of the PU risk: ``loss.prior`` when given, else 0 for dense training (the balanced positive-vs-unlabeled
-    limit) and, for patches, the fraction of centres within the positive radius that ``loss.expected_particles``
-    implies, or 0.3. Dense training leaves the count to the calibration: its π-free score ranks like the
+    """π of the PU risk. Patches: the fraction of centres within the positive radius that
+    ``loss.expected_particles`` implies, else ``loss.prior``, else 0.3. Dense: ``loss.prior``, else 0 (the
+    balanced positive-vs-unlabeled limit). Dense training leaves the count to the calibration: its π-free score ranks like the
     posterior, and the count's π gained nothing on six cases (benchmarks/RESULTS.md)."""
     dense = config.data.mode == "dense"
     if config.loss.expected_particles is not None and not dense:
