@@ -683,6 +683,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--balanced-prior", type=float, default=None,
                     help="cryopick loss.balanced_prior π' for every cryopick row (default: cryopick's own default); "
                          "the rows are labeled with it")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="cryopick training epochs (default: the profile's; cpu 8)")
+    ap.add_argument("--steps-per-epoch", type=int, default=None,
+                    help="cryopick steps of 32 patches per epoch (default: the profile's; cpu 100)")
     ap.add_argument("--seeds", type=int, default=1, help="training seeds of each ablation row (mean ± sd reported)")
     ap.add_argument("--ablation-cases", default=None,
                     help=f"comma-separated cases that also run the ablation (default: {ABLATION_CASE}; "
@@ -709,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.gpu:
         sys.exit("--quick and --gpu exclude each other")
     profile = PROFILES["quick" if args.quick else "gpu" if args.gpu else "cpu"]
+    profile = dataclasses.replace(profile, epochs=args.epochs or profile.epochs,
+                                  steps_per_epoch=args.steps_per_epoch or profile.steps_per_epoch)
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="cryopick-accuracy-"))
     work.mkdir(parents=True, exist_ok=True)
     results_md = Path(args.results) if args.results else (work / "RESULTS.md" if args.quick else RESULTS_MD)

@@ -37,7 +37,7 @@ def test_demo_refuses_a_non_empty_directory(tmp_path):
 # one line per kind of CPU measured: the same on every run on one machine, but the vector unit's rounding changes
 # the training's path, by up to 0.03 between these two.
 DEMO_FIGURES = {
-    "AMD EPYC, AVX2": {"precision": 0.925, "recall": 0.865, "f1": 0.894, "ap": 0.862},
+    "AMD EPYC, AVX2": {"precision": 0.908, "recall": 0.865, "f1": 0.886, "ap": 0.862},
     "Intel Xeon, AVX-512": {"precision": 0.947, "recall": 0.836, "f1": 0.888, "ap": 0.834},
 }
 
