@@ -461,8 +461,8 @@ def mixture_posterior(peak_scores: np.ndarray, label_scores: np.ndarray, n_parti
     and their recall over-states everyone's; the mixture does not rely on them for the count: its upper
     component is the particles, its responsibility (made non-decreasing in the logit) P(particle | score)
     and the sum of that over the peaks their number. The labels only confirm which component is the
-    particles and start one of its EM fits. ``n_particles``, when given, replaces the count: the mixture's likelihood ratio is kept and
-    its prior odds are scaled until the posteriors sum to it.
+    particles and start one of its EM fits. ``n_particles``, when given, replaces the count: the mixture's
+    likelihood ratio is kept and its prior odds are scaled until the posteriors sum to it.
 
     Everything else is fitted with each number of Gaussians in ``background_components``, each mixture by EM
     from two starts (the peaks' quantiles; the particle Gaussian on the labels, ``labels_start``), and of the
@@ -484,7 +484,8 @@ def _mixture_posterior(peak_scores: np.ndarray, label_scores: np.ndarray, n_part
     if len(z) < MIN_MIXTURE_PEAKS or len(z_labels) == 0:
         return None
     knots = np.linspace(z.min(), z.max(), n_knots)
-    fits = [fit_peak_mixture(z, b, start) for b in background_components for start in (None, z_labels)]
+    fits = [fit_peak_mixture(z, b, start) for b in background_components for start in (None, z_labels)
+            if start is None or labels_start(z, z_labels, b) is not None]  # no start there: the same fit twice
     accepted = [fit for mixture in fits
                 if (fit := _accepted_mixture(mixture, z, z_labels, knots, max_count)) is not None]
     if not accepted:
