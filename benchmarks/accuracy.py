@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import yaml
 
 from cryopick.calibrate_model import checkpoint_default_threshold
 from cryopick.config import DEFAULT_THRESHOLD, ExtractConfig, PickConfig, TrainConfig, resolve
@@ -95,8 +96,9 @@ class Profile:
 
 
 PROFILES = {
-    # ~2-3 min of training each on 2 free cores; Topaz's budget is sized to a similar training wall time
-    "cpu": Profile("cpu", "resnet8", 8, 100, "cpu", -1, 5, 60, 128, 2, 6, 1024, False),
+    # 4-7 min of training each on 2 free cores (12 × 100 steps: 8 × 100 cost as much before consistency ran on a
+    # quarter of the crops); Topaz's budget is sized to a similar training wall time
+    "cpu": Profile("cpu", "resnet8", 12, 100, "cpu", -1, 5, 60, 128, 2, 6, 1024, False),
     "quick": Profile("quick", "resnet8", 2, 3, "cpu", -1, 1, 3, 32, 2, 2, 512, False),
     "gpu": Profile("gpu", "resnet18", 50, None, "cuda", 0, 10, 1000, 256, 8, 8, 2048, True),
 }
@@ -304,7 +306,7 @@ def score(result: Result, case: PreparedCase, picks: Path, threshold: float) -> 
 
 def cryopick_train_config(case_dir: Path, data_dir: Path, exp_name: str, case: PreparedCase, profile: Profile,
                           consistency: str, use_ema: bool, balanced_prior: float | None = None,
-                          seed: int = 0, with_count: bool = False) -> TrainConfig:
+                          seed: int = 0, with_count: bool = False, extra: dict | None = None) -> TrainConfig:
     overrides = {
         "data.data_dir": str(data_dir), "train.output_root": str(case_dir / "experiments"),
         "train.exp_name": exp_name, "model.backbone": profile.backbone, "train.epochs": profile.epochs,
@@ -318,6 +320,7 @@ def cryopick_train_config(case_dir: Path, data_dir: Path, exp_name: str, case: P
         e = profile.epochs
         overrides["loss.cons_ramp_epochs"] = [0.0, e / 3]
         overrides["loss.ent_ramp_epochs"] = [e / 3, 2 * e / 3]
+    overrides.update(extra or {})
     return resolve(TrainConfig, None, overrides)
 
 
@@ -328,7 +331,8 @@ def cryopick_extract(case: PreparedCase, data_dir: Path, clock: Clock) -> None:
 
 def run_cryopick(case: PreparedCase, profile: Profile, work: Path, method: str, consistency: str, use_ema: bool,
                  extract_clock: Clock | None = None, balanced_prior: float | None = None, seed: int = 0,
-                 with_count: bool = False, threshold: float | None = None) -> tuple[Result, Clock]:
+                 with_count: bool = False, threshold: float | None = None,
+                 extra: dict | None = None) -> tuple[Result, Clock]:
     """Extract (unless given its clock: the dataset is shared), train, pick at threshold 0, score at
     ``threshold`` (pick's default for the trained model unless given)."""
     result = Result(case.name, method, budget=profile.cryopick_budget())
@@ -340,7 +344,7 @@ def run_cryopick(case: PreparedCase, profile: Profile, work: Path, method: str, 
     clock = Clock()
     exp_name = re.sub(r"[^A-Za-z0-9]+", "_", method).strip("_")
     cfg = cryopick_train_config(case_dir, data_dir, exp_name, case, profile, consistency, use_ema, balanced_prior,
-                                seed, with_count)
+                                seed, with_count, extra)
     trained = clock.run(train, cfg, overwrite=True, quiet=True)
     if trained.interrupted:  # cryopick.train turns Ctrl-C / SIGTERM into a saved, resumable stop
         raise KeyboardInterrupt
@@ -540,6 +544,22 @@ def seed_suffix(seed: int) -> str:
     return f" (seed {seed})" if seed else ""
 
 
+def overrides_suffix(overrides: dict) -> str:
+    """Method-label suffix for --set training overrides, e.g. ' [optim.lr=0.003]'."""
+    return " [" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + "]" if overrides else ""
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """--set KEY=VALUE pairs into a config-override dict; values are parsed as YAML scalars (0.003, true, [0, 4])."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            sys.exit(f"--set {pair!r}: expected KEY=VALUE, e.g. optim.lr=0.003")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def prior_suffix(balanced_prior: float | None) -> str:
     """Method-label suffix for a non-default nnPU weighting (cryopick's loss.balanced_prior π')."""
     return "" if balanced_prior is None else f", π'={balanced_prior:g}"
@@ -684,16 +704,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="cryopick loss.balanced_prior π' for every cryopick row (default: cryopick's own default); "
                          "the rows are labeled with it")
     ap.add_argument("--epochs", type=int, default=None,
-                    help="cryopick training epochs (default: the profile's; cpu 8)")
+                    help="cryopick training epochs (default: the profile's; cpu 12)")
     ap.add_argument("--steps-per-epoch", type=int, default=None,
                     help="cryopick steps of 32 patches per epoch (default: the profile's; cpu 100)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="cryopick training-config override for every cryopick row (repeatable; e.g. optim.lr=0.003); "
+                         "the rows are labeled with it")
     ap.add_argument("--seeds", type=int, default=1, help="training seeds of each ablation row (mean ± sd reported)")
     ap.add_argument("--ablation-cases", default=None,
                     help=f"comma-separated cases that also run the ablation (default: {ABLATION_CASE}; "
                          "each must be among --cases)")
     ap.add_argument("--variants", default=None,
                     help="comma-separated ablation variants to run, from " + ", ".join(VARIANT_KEYS)
-                         + " (default: all; e.g. selective-ema alone gives the default's spread over seeds)")
+                         + " (default: all; e.g. selective-ema alone gives the default's spread over seeds; on an "
+                         "ablation case the head-to-head row is selective-ema, left out when the list lacks it)")
     ap.add_argument("--with-count", action="store_true",
                     help="give cryopick the true particle count (--expected-particles); default: nothing but the diameter")
     ap.add_argument("--topaz-stock", action="store_true", help="also run Topaz with its stock (inflated) prior")
@@ -730,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"unknown variant(s): {', '.join(sorted(set(variants) - set(VARIANT_KEYS)))}")
     if args.ablation_cases and set(ablation_cases) - set(names):
         sys.exit(f"--ablation-cases not among the cases: {', '.join(sorted(set(ablation_cases) - set(names)))}")
+    overrides = parse_overrides(args.overrides)
     command = ("python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     started, t0, earlier_s = dt.datetime.now().strftime("%Y-%m-%d %H:%M"), time.perf_counter(), 0.0
     log = work / "topaz.log"
@@ -764,19 +789,20 @@ def main(argv: list[str] | None = None) -> int:
     extract_clocks: dict[str, Clock] = {}
 
     def cryopick_row(case: PreparedCase, method: str, consistency: str, use_ema: bool, seed: int = 0) -> None:
-        method += prior_suffix(args.balanced_prior) + seed_suffix(seed)
+        method += prior_suffix(args.balanced_prior) + overrides_suffix(overrides) + seed_suffix(seed)
         if (case.name, method) in done:
             return
         try:
             result, extract_clocks[case.name] = run_cryopick(case, profile, work, method, consistency, use_ema,
                                                             extract_clocks.get(case.name), args.balanced_prior,
-                                                            seed, args.with_count, args.threshold)
+                                                            seed, args.with_count, args.threshold, overrides)
         except Exception as exc:  # a failed run is a row of the table, not the end of the benchmark
             result = Result(case.name, method, budget=profile.cryopick_budget(), error=f"{type(exc).__name__}: {exc}")
         record(result)
 
     def head_to_head(case: PreparedCase) -> None:
-        cryopick_row(case, *ABLATION[0])
+        if case.name not in ablation_cases or variant_key(ABLATION[0]) in variants:  # --variants may leave it out
+            cryopick_row(case, *ABLATION[0])
         if exe is not None:
             try:
                 run_topaz(case, profile, work, exe, log, record, {m for c, m in done if c == case.name},

@@ -73,6 +73,9 @@ class LossConfig:
     balanced_prior: float | None = None  # π' of imbalanced nnPU (Su et al. 2021); None: 0.5 dense, plain nnPU patches
     consistency: str = "selective"  # selective | all | none
     consistency_threshold: float = 0.95  # τ on conf = |p − 0.5|·2
+    # share of a batch's crops (dense; patches: of those the consistency covers) given a strong view and a
+    # teacher pass: a quarter halves a step's cost, and at equal time the extra steps win (benchmarks/RESULTS.md)
+    consistency_fraction: float = 0.25
     lambda_cons: float = 1.0
     cons_ramp_epochs: list[float] = field(default_factory=lambda: [0.0, 10.0])
     lambda_ent: float = 0.01
@@ -277,6 +280,7 @@ RULES: dict[type, dict[str, Rule]] = {
         "balanced_prior": _r("--balanced-prior", 0, 1, low_open=True, high_open=True, optional=True),
         "consistency": _r("--consistency", choices=("selective", "all", "none")),
         "consistency_threshold": _r(None, 0, 1),
+        "consistency_fraction": _r(None, 0, 1, low_open=True),
         "lambda_cons": _r(None, 0, 1e3),
         "lambda_ent": _r(None, 0, 1e3),
     },

@@ -5,7 +5,8 @@ One step (defaults from the design document):
 - positives get the weak view only; unlabeled patches get a weak and a strong view;
 - nnPU risk on the student's logits of weak positives and weak unlabeled (Kiryo et al. 2017);
 - Selective FixMatch: the EMA teacher's weak-view pseudo-labels, kept where |p − 0.5|·2 ≥ τ, supervise the
-  student's strong view of the *unlabeled* patches (``all``: positives too, as standard FixMatch; ``none``: off);
+  student's strong view of the *unlabeled* patches (``all``: positives too, as standard FixMatch; ``none``: off),
+  on a random ``loss.consistency_fraction`` of them each step (a quarter: half the step's cost);
 - entropy minimisation on the student's unlabeled logits;
 - λ_cons ramps linearly over epochs 0–10, λ_ent over 10–20.
 """
@@ -85,18 +86,22 @@ class Views:
     pos_weak: torch.Tensor
     unl_weak: torch.Tensor
     strong: torch.Tensor | None
+    chosen: torch.Tensor | None = None  # which of the consistency patches (U, or P then U) the strong views are
 
 
 def make_views(xp: torch.Tensor, xu: torch.Tensor, config: TrainConfig, shift_px: float,
                gen: torch.Generator) -> Views:
-    """Weak views for all; strong views for unlabeled (``selective``) or for all (``all``); none for ``none``."""
+    """Weak views for all; strong views for unlabeled (``selective``) or for all (``all``), on
+    ``loss.consistency_fraction`` of them; none for ``none``."""
     aug = config.augment
     weak = dict(max_shift=shift_px, rotate_degrees=aug.rotate_degrees, rot90=aug.rot90, flips=aug.flips, generator=gen)
     mode = config.loss.consistency
-    strong = None
+    strong, chosen = None, None
     if mode != "none" and config.loss.lambda_cons > 0:
-        strong = strong_augment(xu if mode == "selective" else torch.cat([xp, xu]), aug, shift_px, generator=gen)
-    return Views(weak_augment(xp, **weak), weak_augment(xu, **weak), strong)
+        base = xu if mode == "selective" else torch.cat([xp, xu])
+        chosen = consistency_crops(len(base), config.loss.consistency_fraction, base.device, gen)
+        strong = strong_augment(base[chosen], aug, shift_px, generator=gen)
+    return Views(weak_augment(xp, **weak), weak_augment(xu, **weak), strong, chosen)
 
 
 def step_loss(student, teacher_model, views: Views, config: TrainConfig, prior: float, epoch_f: float,
@@ -110,6 +115,8 @@ def step_loss(student, teacher_model, views: Views, config: TrainConfig, prior: 
     cons = None
     if views.strong is not None:
         weak_views = views.unl_weak if config.loss.consistency == "selective" else torch.cat(parts[:2])
+        if views.chosen is not None:
+            weak_views = weak_views[views.chosen]
         with torch.no_grad(), autocast():
             t_logits = teacher_model(weak_views).float()
         cons = consistency_loss(logits[n_p + n_u:], t_logits, config.loss.consistency_threshold)
@@ -172,7 +179,8 @@ def dense_step_loss(student, teacher_model, crops: torch.Tensor, targets: torch.
     """
     n, mode = len(crops), config.loss.consistency
     strong = mode != "none" and config.loss.lambda_cons > 0
-    x = torch.cat([crops, aligned_strong_view(crops, config, gen)]) if strong else crops
+    chosen = consistency_crops(n, config.loss.consistency_fraction, crops.device, gen) if strong else None
+    x = torch.cat([crops, aligned_strong_view(crops[chosen], config, gen)]) if strong else crops
     with autocast():
         maps = student(x, dense=True).float()  # one forward: BatchNorm sees both views
     maps = _central(maps, targets.shape[-1])  # a crop's context margin carries no targets
@@ -180,10 +188,18 @@ def dense_step_loss(student, teacher_model, crops: torch.Tensor, targets: torch.
     cons = None
     if strong:
         with torch.no_grad(), autocast():
-            t_maps = _central(teacher_model(crops, dense=True).float(), targets.shape[-1])
-        keep = unlabeled if mode == "selective" else torch.ones_like(unlabeled)
+            t_maps = _central(teacher_model(crops[chosen], dense=True).float(), targets.shape[-1])
+        keep = unlabeled[chosen] if mode == "selective" else torch.ones_like(unlabeled[chosen])
         cons = consistency_loss(maps[n:][keep], t_maps[keep], config.loss.consistency_threshold)
     return combine_losses(weak[targets], weak[unlabeled], cons, config, prior, epoch_f)
+
+
+def consistency_crops(n: int, fraction: float, device, gen: torch.Generator) -> torch.Tensor:
+    """Indices of the ``ceil(fraction·n)`` crops (random, at least one) given a strong view and a teacher pass."""
+    k = min(n, max(1, math.ceil(fraction * n - 1e-9)))
+    if k == n:
+        return torch.arange(n, device=device)
+    return torch.randperm(n, generator=gen, device=gen.device).to(device)[:k]
 
 
 def _central(maps: torch.Tensor, size: int) -> torch.Tensor:

@@ -120,3 +120,42 @@ def test_dense_step_uses_the_central_map_only():
     # π = 0, π' = 0.5: half the positives' and half the unlabeled samples' mean BCE
     expected = 0.5 * F.softplus(-maps[0, 4, 4]) + 0.5 * F.softplus(maps[targets.logical_not()]).mean()
     assert float(logs["pu_loss"]) == pytest.approx(float(expected.detach()), abs=1e-5)
+
+
+class _Recorder(torch.nn.Module):
+    """A model that records the batch size of every forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.sizes = model, []
+
+    def forward(self, x, dense=False):
+        self.sizes.append(len(x))
+        return self.model(x, dense=dense)
+
+
+def test_consistency_crops_are_that_share_of_the_batch_drawn_by_the_generator():
+    from cryopick.trainstep import consistency_crops
+
+    assert consistency_crops(32, 1.0, "cpu", torch.Generator()).tolist() == list(range(32))
+    chosen = consistency_crops(32, 0.25, "cpu", torch.Generator().manual_seed(3))
+    assert len(chosen) == 8 and len(set(chosen.tolist())) == 8 and 0 <= int(chosen.min()) <= int(chosen.max()) < 32
+    assert chosen.tolist() == consistency_crops(32, 0.25, "cpu", torch.Generator().manual_seed(3)).tolist()
+    assert len(consistency_crops(5, 0.01, "cpu", torch.Generator())) == 1  # at least one
+    assert len(consistency_crops(5, 0.5, "cpu", torch.Generator())) == 3  # ceil
+
+
+@pytest.mark.parametrize("fraction, strong", [(1.0, 8), (0.25, 2)])
+def test_dense_step_gives_strong_views_and_the_teacher_pass_to_the_chosen_crops_only(fraction, strong):
+    from cryopick.config import TrainConfig
+    from cryopick.trainstep import dense_step_loss
+
+    cfg = TrainConfig()
+    cfg.loss.consistency_fraction = fraction
+    student, teacher = _Recorder(PatchClassifier("resnet8", 0.0)), _Recorder(PatchClassifier("resnet8", 0.0))
+    crops, targets = torch.randn(8, 1, 64, 64), torch.zeros(8, 8, 8, dtype=torch.bool)
+    targets[0, 4, 4] = True
+    _, logs = dense_step_loss(student, teacher, crops, targets, cfg, 0.0, 5.0, contextlib.nullcontext,
+                              torch.Generator().manual_seed(0))
+    assert student.sizes == [8 + strong] and teacher.sizes == [strong]
+    assert 0.0 <= float(logs["mask_rate"]) <= 1.0 and float(logs["lambda_cons"]) > 0

@@ -34,11 +34,10 @@ def test_demo_refuses_a_non_empty_directory(tmp_path):
 
 
 # The figures `cryopick demo` prints with its defaults (2 CPU cores, torch 2.13.0+cpu; README "What to expect"),
-# one line per kind of CPU measured: the same on every run on one machine, but the vector unit's rounding changes
-# the training's path, by up to 0.03 between these two.
+# by the vector unit torch's CPU kernels use: the same on every run on one machine, but the rounding of another
+# vector unit changes the training's path (by up to 0.03 between an AVX2 and an AVX-512 machine before).
 DEMO_FIGURES = {
-    "AMD EPYC, AVX2": {"precision": 0.908, "recall": 0.865, "f1": 0.886, "ap": 0.862},
-    "Intel Xeon, AVX-512": {"precision": 0.947, "recall": 0.836, "f1": 0.888, "ap": 0.834},
+    "AVX2": {"precision": 0.925, "recall": 0.868, "f1": 0.896, "ap": 0.864},  # AMD EPYC, 2026-12-07
 }
 
 
@@ -47,13 +46,16 @@ def _close_to(overall: dict, figures: dict) -> bool:
 
 
 def test_demo_prints_the_figures_the_readme_shows(tmp_path):
-    # the full demo: 3.5–6 min on 2 cores (benchmarks/RESULTS.md), run by default because
+    # the full demo: 2–4 min on 2 cores (benchmarks/RESULTS.md), run by default because
     # the README's figures are the first thing a user checks
+    import torch
+
     report, _ = run_demo(tmp_path / "demo", DemoSettings(device="cpu"), quiet=True)
     shown = {key: round(report.overall[key], 3) for key in ("precision", "recall", "f1", "ap")}
-    assert any(_close_to(report.overall, figures) for figures in DEMO_FIGURES.values()), \
-        f"the demo printed {shown}, within 0.02 of no line the README shows"
-    assert report.overall["f1"] >= 0.85  # issue 8's bar for a first run
+    figures = DEMO_FIGURES.get(torch.backends.cpu.get_cpu_capability())
+    if figures is not None:  # a vector unit without a measured line is held to issue 8's bar only
+        assert _close_to(report.overall, figures), f"the demo printed {shown}, not within 0.02 of {figures}"
+    assert report.overall["f1"] >= 0.85, f"the demo printed {shown}"  # issue 8's bar for a first run
 
 
 def test_readme_shows_the_pinned_demo_figures():

@@ -1,3 +1,4 @@
+import contextlib
 import csv
 import math
 import os
@@ -159,6 +160,22 @@ def test_consistency_modes_run(dataset_dir, tmp_path, mode):
     result = train(cfg, quiet=True)
     row = result.history[-1]
     assert (row["consistency_loss"] == 0.0) == (mode == "none") or row["mask_rate"] == 0.0
+
+
+@pytest.mark.parametrize("mode, fraction, strong", [("selective", 0.25, 4), ("all", 0.25, 5), ("selective", 1.0, 16)])
+def test_patch_step_gives_strong_views_and_the_teacher_pass_to_the_chosen_patches(mode, fraction, strong):
+    from cryopick.model import PatchClassifier
+    from cryopick.trainstep import make_views, step_loss
+
+    cfg = resolve(TrainConfig, None, {"loss.consistency": mode, "loss.consistency_fraction": fraction})
+    xp, xu = torch.randn(4, 1, 64, 64), torch.randn(16, 1, 64, 64)
+    views = make_views(xp, xu, cfg, 2.0, torch.Generator().manual_seed(0))
+    assert len(views.strong) == strong and len(views.chosen) == strong
+    sizes = []
+    teacher = PatchClassifier("resnet8", 0.0).eval()
+    teacher.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    _, logs = step_loss(PatchClassifier("resnet8", 0.0), teacher, views, cfg, 0.3, 5.0, contextlib.nullcontext)
+    assert sizes == [strong] and math.isfinite(float(logs["consistency_loss"]))
 
 
 def test_training_is_deterministic(dataset_dir, tmp_path):
