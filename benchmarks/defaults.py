@@ -70,8 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="train config override, e.g. model.output_stride=4 (YAML value)")
     args = ap.parse_args(argv)
-    import yaml  # noqa: PLC0415  (benchmark-only)
-    train_overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    from accuracy import parse_overrides  # noqa: PLC0415  (benchmarks/, on sys.path when run as a script)
+    train_overrides = parse_overrides(args.set)
     extract_overrides = {"bin": args.bin} if args.bin else {}
     rows = []
     for case_dir in args.cases:
