@@ -19,33 +19,23 @@ from pathlib import Path
 import torch
 from accuracy import PROFILES, prepare_case  # benchmarks/accuracy.py (on sys.path)
 
+from cryopick.checkpoint import load_checkpoint
 from cryopick.config import PickConfig
 from cryopick.evaluate import evaluate
 from cryopick.pick import pick
 
 
-def with_student_weights(checkpoint: Path, out: Path) -> Path:
-    """A copy of ``checkpoint`` whose teacher slot holds the student's weights (what pick then uses)."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    ckpt["ema_state"] = ckpt["model_state"]
-    torch.save(ckpt, out)
+def student_checkpoint(ckpt: dict, out: Path) -> Path:
+    """``ckpt`` saved to ``out`` with the student's weights in the teacher's slot (what pick then uses)."""
+    torch.save({**ckpt, "ema_state": ckpt["model_state"]}, out)
     return out
 
 
 def ap_and_best_f1(micrographs: str, checkpoint: Path, picks: Path, truth: Path, radius: float) -> tuple[float, float]:
+    """Pick with ``checkpoint`` at threshold 0 into ``picks`` and score every pick."""
     pick(micrographs, checkpoint, picks, PickConfig(threshold=0.0, device="cpu", overwrite=True), quiet=True)
     overall = evaluate(picks, truth, radius).overall
     return overall["ap"], overall["best_f1"]
-
-
-def ema_runs(case_dir: Path) -> list[Path]:
-    """Experiments of the case whose best checkpoint carries teacher weights."""
-    runs = []
-    for exp in sorted((case_dir / "cryopick" / "experiments").iterdir()):
-        best = exp / "checkpoints" / "best.pt"
-        if best.is_file() and torch.load(best, map_location="cpu", weights_only=True).get("ema_state"):
-            runs.append(exp)
-    return runs
 
 
 def main() -> None:
@@ -54,19 +44,24 @@ def main() -> None:
     ap.add_argument("--case", required=True, help="one of its cases, e.g. dev-sparse")
     args = ap.parse_args()
     case = prepare_case(args.case, PROFILES["cpu"], args.accuracy_dir)
-    runs = ema_runs(args.accuracy_dir / args.case)
-    if not runs:
-        raise SystemExit(f"{args.accuracy_dir / args.case}: no cryopick run trained with an EMA teacher")
+    case_dir = args.accuracy_dir / args.case / "cryopick"
     print("| run | AP, teacher (pick's) | AP, student | best F1, teacher | best F1, student |")
     print("|---|---|---|---|---|")
+    n_runs = 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for exp in runs:
+        for exp in sorted((case_dir / "experiments").iterdir()):
             best = exp / "checkpoints" / "best.pt"
-            student = with_student_weights(best, work / f"{exp.name}_student.pt")
+            ckpt = load_checkpoint(best) if best.is_file() else {}
+            if not ckpt.get("ema_state"):  # trained without the teacher: nothing to compare
+                continue
+            n_runs += 1
+            student = student_checkpoint(ckpt, work / f"{exp.name}_student.pt")
             t_ap, t_f1 = ap_and_best_f1(case.micrographs, best, work / "teacher", case.truth, case.radius_px)
             s_ap, s_f1 = ap_and_best_f1(case.micrographs, student, work / "student", case.truth, case.radius_px)
             print(f"| {exp.name} | {t_ap:.3f} | {s_ap:.3f} | {t_f1:.3f} | {s_f1:.3f} |", flush=True)
+    if not n_runs:
+        raise SystemExit(f"{case_dir}: no cryopick run trained with an EMA teacher")
 
 
 if __name__ == "__main__":
