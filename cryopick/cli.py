@@ -29,7 +29,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, metavar="",
                                        help="Print the version and exit.")) -> None:
     """cryopick: simulate, extract, train, pick, evaluate."""
 
@@ -168,8 +168,8 @@ def train(
                                                        "micrograph area)."),
     balanced_prior: Optional[float] = typer.Option(None, "--balanced-prior", help="Imbalanced nnPU (Su et al. 2021): "
                                                    "weigh the risks as if the prior were this (e.g. 0.5) so rare "
-                                                   "particles reach probabilities above 0.5 (default: 0.5 for dense, "
-                                                   "plain nnPU for patches)."),
+                                                   "particles reach probabilities above 0.5; 0 < value < 1 (default: "
+                                                   "0.5 for dense, plain nnPU for patches)."),
     consistency: Optional[str] = typer.Option(None, "--consistency", help="selective (unlabeled only), all (standard "
                                               "FixMatch) or none (PU only)." + default(TrainConfig, "loss.consistency")),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", metavar="", help="EMA teacher (--no-ema: pseudo-labels "
@@ -177,7 +177,8 @@ def train(
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate." + default(TrainConfig, "optim.lr")),
     steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help="Batches per epoch (default: dense, "
                                                   "crops covering the labeled micrographs 4 times; patches, one pass "
-                                                  "over the unlabeled patches, positives cycled)."),
+                                                  "over whichever of positives and unlabeled patches needs more "
+                                                  "batches, the other cycled)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."
                                          + default(TrainConfig, "train.device")),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", metavar="", help="bf16 autocast on CUDA."
@@ -253,7 +254,8 @@ def pick(
                                         "(array jobs; under torchrun RANK/WORLD_SIZE are used)."),
     preview: Optional[int] = typer.Option(None, "--preview", help="Write PNG previews (binned, low-passed, picks as "
                                           "circles coloured red at the threshold to green at 1) of this many "
-                                          "micrographs to OUT/preview/<coordinate file name>.png."
+                                          "micrographs to OUT/preview/<coordinate STAR's path under OUT, "
+                                          "without .star>.png."
                                           + default(PickConfig, "preview")),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."
                                          + default(PickConfig, "device")),
@@ -313,11 +315,15 @@ def evaluate(
     radius_old: Optional[float] = typer.Option(None, "--radius", hidden=True),  # before --radius-px
     diameter: Optional[float] = typer.Option(None, "--diameter", help="Particle diameter, Å (with --pixel-size)."),
     pixel_size: Optional[float] = typer.Option(None, "--pixel-size", help="Micrograph pixel size, Å/px."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Score threshold for precision/recall/F1 "
-                                              "(default: every pick counts; AP always uses all picks)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Score threshold for precision/recall/F1, "
+                                              "on the picks' own scale (cryopick and cbox: probability 0–1; Topaz: "
+                                              "log-odds). Default: every pick counts; patch-level mode: 0.5. AP "
+                                              "always uses all picks."),
     method: str = typer.Option("hungarian", "--method", help="One-to-one matching: hungarian (most matches, as "
                                "Topaz) or greedy (by descending score)."),
-    coord_scale: float = typer.Option(1.0, "--coord-scale", help="Multiply pick coordinates by this first."),
+    coord_scale: float = typer.Option(1.0, "--coord-scale", help="Multiply pick coordinates by this first, "
+                                      "to get original micrograph pixels (e.g. 4 for a Topaz table picked on 4× "
+                                      "binned micrographs)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write per-micrograph rows as CSV."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Precision-recall curve PNG (needs "
@@ -327,7 +333,7 @@ def evaluate(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Patch-level mode: dataset from extract "
                                             "(with --truth at extract time for true metrics)."),
     split: str = typer.Option("val", "--split", help="Patch-level mode: val, train or all."),
-    device: str = typer.Option("auto", "--device", help="Patch-level mode: auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="Patch-level mode: auto, cpu, cuda or cuda:N."),
     quiet: bool = QUIET,
 ) -> None:
     """Score picks against reference coordinates (precision, recall, F1, AP), or a checkpoint on patches."""
@@ -406,10 +412,10 @@ def demo(
     out: Path = typer.Argument(Path("cryopick-demo"), help="Working directory for the demo (must be new or empty)."),
     micrographs: int = typer.Option(6, "--micrographs", "-n", help="Simulated micrographs (1024×1024 px, 2 Å/px)."),
     epochs: int = typer.Option(12, "--epochs", help="Training epochs."),
-    steps_per_epoch: int = typer.Option(36, "--steps-per-epoch", help="Batches of 32 patches per epoch."),
+    steps_per_epoch: int = typer.Option(36, "--steps-per-epoch", help="Batches of 32 training crops per epoch."),
     snr: float = typer.Option(0.05, "--snr", help="Per-pixel SNR of the simulated particles."),
     particle: str = typer.Option("shell", "--particle", help="Particle shape: shell, blob, rod, ring."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     overwrite: bool = flag("--overwrite", help="Reuse a non-empty OUT, replacing its files."),
     quiet: bool = QUIET,
@@ -431,7 +437,7 @@ RELION_HELP = (
     "RELION External job: pick with a trained model (Params row 'model'), or train on the hand picks and pick."
     "\n\nParams tab rows (label, value): model (checkpoint), diameter (Å, to train), threshold (0–1), epochs, "
     "steps_per_epoch, backbone, device, expected_particles (per micrograph), balanced_prior, val_fraction, "
-    "unlabeled_per_micrograph, edge (px), max_picks, seed, relion_version (auto, 3, 4 or 5)."
+    "unlabeled_per_micrograph, edge (original micrograph px), max_picks, seed, relion_version (auto, 3, 4 or 5)."
     "\n\nWrites per-micrograph *_autopick.star, autopick.star (coordinate_files), RELION_OUTPUT_NODES.star and "
     "RELION_JOB_EXIT_SUCCESS / _FAILURE / _ABORTED into the job directory; RELION_JOB_ABORT_NOW stops it cleanly."
     "\n\nExample (what RELION runs): cryopick relion --o External/job005/ --in_mics "

@@ -334,7 +334,7 @@ RULES: dict[type, dict[str, Rule]] = {
         "radius_px": _r("--radius-px", 0, 1e6, low_open=True, optional=True),
         "diameter": _r("--diameter", 0, 1e5, low_open=True, optional=True),
         "pixel_size": _r("--pixel-size", 0, 1e4, low_open=True, optional=True),
-        "threshold": _r("--threshold", 0, 1, optional=True),
+        "threshold": _r("--threshold", optional=True),  # on the picks' own scale: Topaz scores are log-odds
         "method": _r("--method", choices=("hungarian", "greedy")),
         "coord_scale": _r("--coord-scale", 0, 1e4, low_open=True),
         "split": _r("--split", choices=("val", "train", "all")),

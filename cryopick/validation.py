@@ -71,6 +71,8 @@ def evaluate_patches(checkpoint: str | Path, data_dir: str | Path, split: str = 
     ``--truth`` also gives the true metrics (unlabeled patches labeled by the ground truth), on the
     same footing as the design document's table.
     """
+    if not 0.0 <= threshold <= 1.0:
+        raise CryopickError(f"--threshold in patch-level mode is a probability, 0 ≤ value ≤ 1; got {threshold:g}")
     ckpt = load_checkpoint(checkpoint)
     dataset = load_dataset(data_dir)
     if split not in ("train", "val", "all"):

@@ -271,6 +271,22 @@ def test_evaluate_topaz_truth_against_binned_star_picks(tmp_path):
     assert o["n_matched"] == 0
 
 
+def test_evaluate_thresholds_topaz_log_odds_on_their_own_scale(tmp_path):
+    from typer.testing import CliRunner
+
+    from cryopick.cli import app
+    from cryopick.io.relion import write_coordinate_star, write_topaz_table
+
+    write_coordinate_star(tmp_path / "truth" / "mic_a.star", TRUTH_XY[:, 0], TRUTH_XY[:, 1], [1.0] * 3)
+    write_topaz_table(tmp_path / "picks.txt", [("mic_a", x, y, s) for (x, y), s in zip(TRUTH_XY, (2.0, -0.5, -3.0))])
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "picks.txt"), "--truth", str(tmp_path / "truth"),
+                                      "--radius-px", "5", "--threshold", "-1", "--json", str(tmp_path / "r.json"), "-q"])
+    assert result.exit_code == 0, result.output
+    o = json.loads((tmp_path / "r.json").read_text())["overall"]
+    assert (o["n_picks"], o["n_matched"], o["precision"]) == (2, 2, 1.0)  # scores 2.0 and -0.5 pass -1
+    assert o["recall"] == pytest.approx(2 / 3) and o["ap"] == 1.0
+
+
 def test_evaluate_refuses_two_pick_files_for_one_micrograph(tmp_path):
     from cryopick.evaluate import evaluate
     from cryopick.io.relion import write_coordinate_star

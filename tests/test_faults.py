@@ -86,6 +86,7 @@ def train_config(root: Path, name: str, **over) -> TrainConfig:
     (["evaluate", "P", "--truth", "T", "--radius-px", "inf"], ["--radius-px", "radius_px"]),
     (["evaluate", "P", "--truth", "T", "--radius", "inf"], ["--radius-px"]),  # the old name, still accepted
     (["evaluate", "P", "--truth", "T", "--method", "best"], ["--method", "hungarian, greedy"]),
+    (["evaluate", "--model", "X.pt", "--data-dir", "D", "--threshold", "1.5"], ["--threshold", "probability", "1.5"]),
 ])
 def test_bad_option_values_are_one_line_errors(tmp_path, monkeypatch, args, needles):
     monkeypatch.chdir(tmp_path)
