@@ -6,7 +6,6 @@ commands use. Prints precision, recall and average precision of the picks agains
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from cryopick.config import ExtractConfig, PickConfig, TrainConfig, resolve
 from cryopick.errors import CryopickError
 from cryopick.evaluate import EvaluationReport, evaluate, write_report_json
 from cryopick.extract import extract
+from cryopick.fsutil import write_json_atomic
 from cryopick.pick import pick
 from cryopick.progress import info
 from cryopick.simulate import SimulationParams, simulate
@@ -87,5 +87,5 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, quiet: b
     report = evaluate(out / "picks", out / "sim" / "truth", radius)
     write_report_json(report, out / "evaluation.json")
     times["evaluate"] = time.perf_counter() - t
-    (out / "demo_times.json").write_text(json.dumps(times, indent=2) + "\n")
+    write_json_atomic(out / "demo_times.json", times)
     return report, times
