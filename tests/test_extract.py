@@ -103,6 +103,7 @@ def test_workers_give_identical_datasets(tiny_project):
         assert torch.equal(ca["patches"]["positive"], cb["patches"]["positive"])
 
 
+@pytest.mark.filterwarnings("ignore:Data array contains NaN:RuntimeWarning")  # mrcfile, writing the bad file
 def test_corrupt_micrograph_is_skipped_and_listed(tiny_project):
     root, _ = tiny_project
     (root / "mics" / "mic_d.mrc").write_bytes(b"\0" * 2000)

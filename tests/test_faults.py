@@ -245,6 +245,7 @@ def test_micrographs_smaller_than_a_patch_stop_the_run(chain, tmp_path):
 # replacing an output: the old one stays byte-identical unless the new one is complete
 
 
+@pytest.mark.filterwarnings("ignore:Data array contains NaN:RuntimeWarning")  # mrcfile, writing the bad file
 def test_failed_extract_overwrite_keeps_the_old_dataset(chain, tmp_path):
     ds = tmp_path / "ds"
     extract(str(chain / "sim/micrographs"), str(chain / "sim/labels"), ds,
