@@ -197,6 +197,23 @@ def test_header_only_loop_is_an_empty_table(tmp_path):
     assert len(table.coords) == 0
 
 
+def test_non_utf8_byte_past_the_sniffed_head_is_refused_not_read_as_empty(tmp_path):
+    # starfile reads a STAR with one bad byte as an empty table: 3000 labels would vanish without a word
+    rows = "".join(f"{i}.0 {i}.0\n" for i in range(3000))  # ~60 kB, so the bad line lies past 64 KiB
+    path = tmp_path / "mic.star"
+    path.write_bytes(f"data_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n{rows}{rows}".encode()
+                     + b"100.0 \xe9100.0\n")
+    with pytest.raises(InputFileError, match=r"mic\.star: line 6006 is not UTF-8"):
+        read_coordinate_file(path)
+
+
+def test_a_column_named_twice_is_refused(tmp_path):
+    path = write_text(tmp_path / "m.star", "data_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateX #2\n"
+                                          "_rlnCoordinateY #3\n10 20 30\n")
+    with pytest.raises(InputFileError, match=r"m\.star: .*rlnCoordinateX more than once"):
+        read_coordinate_file(path)
+
+
 def test_rows_with_nan_coordinates_are_dropped(tmp_path):
     path = write_text(tmp_path / "m.star",
                       "data_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n1.0 2.0\nnan 3.0\n4.0 <NA>\n5.0 6.0\n")

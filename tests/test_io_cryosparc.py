@@ -86,6 +86,19 @@ def test_cs_without_locations_is_one_clear_error(tmp_path):
         read_coordinates(tmp_path / "blobs.cs")
 
 
+def test_empty_text_and_archive_cs_files_are_one_clear_error(tmp_path):
+    path = tmp_path / "empty.cs"
+    write_cs(path, [("mic_a.mrc", (100, 100), np.zeros(0), np.zeros(0), np.zeros(0))])
+    with pytest.raises(InputFileError, match=r"empty\.cs: holds no particles"):
+        read_coordinates(path)
+    (tmp_path / "text.cs").write_text("uid x y\n1 2 3\n")  # used to be reported as pickled objects
+    np.savez(tmp_path / "archive.npz", a=np.zeros(3))
+    (tmp_path / "archive.npz").rename(tmp_path / "archive.cs")  # used to fail with an AttributeError
+    for name in ("text.cs", "archive.cs"):
+        with pytest.raises(InputFileError, match=name + r": not a numpy \.cs file \(no \.npy header\)"):
+            read_coordinates(tmp_path / name)
+
+
 def test_pick_writes_a_cs_that_reads_back_as_its_picks(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blobs = {"mic001": [(100.0, 90.0), (300.0, 200.0)], "mic002": [(60.0, 250.0)]}

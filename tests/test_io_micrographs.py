@@ -222,3 +222,18 @@ def test_dev_set_micrographs_star():
     entries = find_micrographs(DEV_SET / "micrographs_ctf.star")
     assert [e.name for e in entries] == [f"micrographs/shell_mic00{i}.mrc" for i in range(4)]
     assert all(e.pixel_size == pytest.approx(1.7) and e.path.is_file() for e in entries)
+
+
+def test_a_file_without_the_map_identifier_is_not_an_mrc(tmp_path):
+    from cryopick.io.mrc import read_header
+
+    path = write_tiny_mrc(tmp_path / "mic.mrc")
+    assert read_header(path).shape[0] > 0
+    data = bytearray(path.read_bytes())
+    data[208:212] = b"XXXX"  # permissive header reading took any 1024 bytes for one ("holds 1763734377 sections")
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputFileError, match=r"mic\.mrc: not an MRC file \(no 'MAP ' identifier"):
+        read_header(path)
+    path.write_text("this is a text file, not a micrograph\n" * 40)
+    with pytest.raises(InputFileError, match="not an MRC file"):
+        read_header(path)

@@ -41,8 +41,11 @@ NUMPY_MAGIC = b"\x93NUMPY"
 def is_cs_file(path: str | Path) -> bool:
     """A ``.cs`` name, or any file that starts with numpy's ``.npy`` magic."""
     path = Path(path)
-    if path.suffix.lower() == ".cs":
-        return True
+    return path.suffix.lower() == ".cs" or is_numpy_file(path)
+
+
+def is_numpy_file(path: Path) -> bool:
+    """Whether the file starts with numpy's ``.npy`` magic."""
     try:
         with open(path, "rb") as handle:
             return handle.read(len(NUMPY_MAGIC)) == NUMPY_MAGIC
@@ -53,6 +56,8 @@ def is_cs_file(path: str | Path) -> bool:
 def load_cs(path: str | Path) -> np.ndarray:
     """The structured array of a ``.cs`` file, checked for the location fields."""
     path = Path(path)
+    if path.is_file() and not is_numpy_file(path):
+        raise InputFileError(path, "not a numpy .cs file (no .npy header); export the particles .cs from cryoSPARC")
     try:
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -82,15 +87,20 @@ def read_cs_locations(path: str | Path, flip_y: bool = True) -> list[tuple[str, 
     """
     path = Path(path)
     array = load_cs(path)
-    shapes = np.asarray(array[SHAPE_FIELD], dtype=np.float64).reshape(len(array), -1)
+    if len(array) == 0:
+        raise InputFileError(path, "holds no particles (0 rows)")
+    try:
+        shapes = np.asarray(array[SHAPE_FIELD], dtype=np.float64).reshape(len(array), -1)
+        fx = np.asarray(array[X_FIELD], dtype=np.float64)
+        fy = np.asarray(array[Y_FIELD], dtype=np.float64)
+        score = (np.asarray(array[SCORE_FIELD], dtype=np.float64) if SCORE_FIELD in array.dtype.names
+                 else np.full(len(array), np.nan))
+    except (TypeError, ValueError) as exc:
+        raise InputFileError(path, f"particle location fields are not numbers ({exc})") from None
     if shapes.shape[1] != 2 or np.any(shapes <= 0):
         raise InputFileError(path, f"{SHAPE_FIELD} must hold two positive sizes [ny, nx] per particle")
-    fx = np.asarray(array[X_FIELD], dtype=np.float64)
-    fy = np.asarray(array[Y_FIELD], dtype=np.float64)
     if flip_y:
         fy = 1.0 - fy
-    score = (np.asarray(array[SCORE_FIELD], dtype=np.float64) if SCORE_FIELD in array.dtype.names
-             else np.full(len(array), np.nan))
     frame = pd.DataFrame({"x": fx * shapes[:, 1], "y": fy * shapes[:, 0], "score": score})
     names = np.array([_text(v) for v in array[PATH_FIELD]], dtype=object)
     return [(str(name), rows.reset_index(drop=True)) for name, rows in frame.groupby(names, sort=False)]

@@ -52,14 +52,48 @@ def read_star_blocks(path: str | Path) -> dict[str, pd.DataFrame | dict]:
     """All data blocks of a STAR file (``{}`` for RELION's 0-byte empty table), name columns kept as text."""
     path = Path(path)
     try:
+        _check_utf8(path)
         blocks = starfile.read(path, always_dict=True, parse_as_string=list(NAME_COLUMNS))
     except FileNotFoundError:
         raise InputFileError(path, "file not found") from None
     except IsADirectoryError:
         raise InputFileError(path, "is a directory, not a STAR file") from None
+    except InputFileError:
+        raise
     except Exception as exc:  # starfile/pandas raise many kinds (ParserError, ValueError, UnicodeDecodeError…)
         raise InputFileError(path, f"not a readable STAR file ({type(exc).__name__}: {exc})") from None
-    return blocks if isinstance(blocks, dict) else {"": blocks}
+    blocks = blocks if isinstance(blocks, dict) else {"": blocks}
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame) and block.columns.duplicated().any():
+            twice = sorted(set(block.columns[block.columns.duplicated()]))
+            raise InputFileError(path, f"data block '{name}' names column {', '.join(twice)} more than once")
+    return blocks
+
+
+def _check_utf8(path: Path, chunk_bytes: int = 1 << 20) -> None:
+    """Refuse bytes that are not UTF-8 anywhere in the file: starfile would read such a file as empty."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                line = _line_number(path, offset + exc.start)
+                raise InputFileError(path, f"line {line} is not UTF-8 text (byte {offset + exc.start}); "
+                                           "a STAR file must be plain text") from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise InputFileError(path, "ends inside a multi-byte character (not UTF-8 text)") from None
+
+
+def _line_number(path: Path, byte_offset: int) -> int:
+    with open(path, "rb") as handle:
+        return handle.read(byte_offset).count(b"\n") + 1
 
 
 def candidate_bases(star_path: str | Path, project_dir: str | Path | None = None) -> list[Path]:

@@ -31,9 +31,13 @@ def read_header(path: str | Path) -> MicrographHeader:
             warnings.simplefilter("ignore")
             with mrcfile.open(path, header_only=True, permissive=True) as mrc:
                 h = mrc.header
+                if bytes(h.map) != b"MAP ":  # permissive mode reads any 1024 bytes as a header
+                    raise InputFileError(path, "not an MRC file (no 'MAP ' identifier at byte 208)")
                 nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
                 mode = int(h.mode)
                 voxel = float(mrc.voxel_size.x)
+    except InputFileError:
+        raise
     except FileNotFoundError:
         raise InputFileError(path, "file not found") from None
     except (ValueError, OSError, EOFError) as exc:
