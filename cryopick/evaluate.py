@@ -273,6 +273,11 @@ def evaluate(picks_spec: str | Path, truth_spec: str | Path, radius: float, thre
     picks, pick_sources = _collect_tables(pick_tables, "picks")
     truth_names = sorted(truth)
     paired, unmatched = _pair_picks_with_truth(picks, pick_sources, truth_names)
+    if picks and not paired:  # every micrograph would count as missed: a wrong folder, not a bad picker
+        example = pick_sources[min(picks)]
+        raise CryopickError(f"none of the {len(picks)} pick set(s) belongs to a reference micrograph (picks e.g. "
+                            f"{example}, references e.g. {truth_names[0]}); check that PICKS and --truth name "
+                            "the same micrographs")
     short = _display_names(truth_names)
     report = evaluate_coordinates({short[n]: f for n, f in paired.items()},
                                   {short[n]: f for n, f in truth.items()}, radius, threshold, method)

@@ -33,7 +33,7 @@ from cryopick.fsutil import (
     write_text_atomic,
 )
 from cryopick.io.coords import read_coordinates
-from cryopick.io.matching import match_coordinates
+from cryopick.io.matching import MatchResult, match_coordinates
 from cryopick.io.micrographs import MicrographEntry, find_micrographs
 from cryopick.io.mrc import read_header, read_micrograph
 from cryopick.preprocessing import (
@@ -316,6 +316,15 @@ def _single_threaded() -> None:
     torch.set_num_threads(1)
 
 
+def _match_usable(listed: list[MicrographEntry], usable: list[MicrographEntry], tables) -> MatchResult:
+    """Coordinates matched against every listed micrograph, kept for the usable ones (indexed as ``usable``):
+    the tables of a skipped micrograph are not reported as matching none."""
+    match = match_coordinates(listed, tables)
+    position = {entry.name: k for k, entry in enumerate(usable)}
+    coords = {position[listed[i].name]: df for i, df in match.coords.items() if listed[i].name in position}
+    return MatchResult(coords=dict(sorted(coords.items())), unmatched=match.unmatched)
+
+
 def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, config: ExtractConfig,
             truth: str | Path | None = None, project_dir: str | Path | None = None,
             quiet: bool = False) -> ExtractSummary:
@@ -324,14 +333,14 @@ def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, co
     out_dir = Path(out_dir)
     _check_output_dir(out_dir, config.overwrite)
     summary = ExtractSummary(out_dir=out_dir, inputs={"micrographs": str(micrographs), "coords": str(coords)})
-    entries = find_micrographs(micrographs, project_dir=project_dir)
-    summary.n_micrographs = len(entries)
-    entries, shapes, pixel_size = _pixel_sizes(entries, config, summary, config.strict)
+    listed = find_micrographs(micrographs, project_dir=project_dir)
+    summary.n_micrographs = len(listed)
+    entries, shapes, pixel_size = _pixel_sizes(listed, config, summary, config.strict)
     tables = read_coordinates(coords, coord_scale=config.coord_scale, micrograph_pixel_size=pixel_size,
                               cs_flip_y=config.cs_flip_y)
     for message in tables.warnings:
         warn(message)
-    match = match_coordinates(entries, tables)
+    match = _match_usable(listed, entries, tables)
     summary.unmatched = list(match.unmatched)
     for item in match.unmatched:
         warn(f"coordinates matched no micrograph: {item}")
@@ -343,7 +352,7 @@ def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, co
         truth_tables = read_coordinates(truth)
         for message in truth_tables.warnings:
             warn(message)
-        truth_coords = match_coordinates(entries, truth_tables).coords
+        truth_coords = _match_usable(listed, entries, truth_tables).coords
 
     factor = choose_bin_factor(config.diameter, pixel_size, config.patch_size, config.bin, config.target_pixel_size)
     record = PreprocessRecord(pixel_size=pixel_size, bin_factor=factor, diameter_A=float(config.diameter),

@@ -287,6 +287,16 @@ def test_evaluate_thresholds_topaz_log_odds_on_their_own_scale(tmp_path):
     assert o["recall"] == pytest.approx(2 / 3) and o["ap"] == 1.0
 
 
+def test_evaluate_refuses_picks_of_no_reference_micrograph(tmp_path):
+    from cryopick.evaluate import evaluate
+    from cryopick.io.relion import write_coordinate_star
+
+    write_coordinate_star(tmp_path / "truth" / "mic_a.star", TRUTH_XY[:, 0], TRUTH_XY[:, 1], [1.0] * 3)
+    write_coordinate_star(tmp_path / "picks" / "other_autopick.star", [100.0], [100.0], [0.5])
+    with pytest.raises(CryopickError, match=r"none of the 1 pick set\(s\) belongs .*other_autopick\.star"):
+        evaluate(tmp_path / "picks", tmp_path / "truth", radius=10)  # all-zero scores before, exit 0
+
+
 def test_evaluate_refuses_two_pick_files_for_one_micrograph(tmp_path):
     from cryopick.evaluate import evaluate
     from cryopick.io.relion import write_coordinate_star

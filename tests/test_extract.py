@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,6 +118,20 @@ def test_corrupt_micrograph_is_skipped_and_listed(tiny_project):
     assert len(manifest["skipped"]) == 2
     with pytest.raises(CryopickError, match="mic_"):
         extract(str(root / "mics"), str(root / "labels"), root / "ds2", _config(strict=True), quiet=True)
+
+
+def test_a_micrograph_missing_from_the_star_is_skipped_and_listed(tiny_project):
+    from cryopick.io.relion import write_micrographs_star
+
+    root, _ = tiny_project
+    names = ["mics/mic_a.mrc", "mics/mic_b.mrc", "mics/mic_c.mrc", "mics/deleted.mrc"]
+    write_micrographs_star(root / "mics.star", names, 2.0)
+    (root / "labels" / "deleted_manualpick.star").write_text((root / "labels" / "mic_b_manualpick.star").read_text())
+    summary = extract(str(root / "mics.star"), str(root / "labels"), root / "ds", _config(), quiet=True)
+    assert [(Path(p).name, r) for p, r in summary.skipped] == [("deleted.mrc", "file not found")]
+    assert summary.unmatched == []  # its labels belong to the skipped micrograph, not to none
+    manifest = json.loads((root / "ds" / "manifest.json").read_text())
+    assert sorted(Path(m["path"]).name for m in manifest["micrographs"]) == ["mic_a.mrc", "mic_b.mrc", "mic_c.mrc"]
 
 
 def test_coordinates_outside_are_counted_not_fatal(tiny_project):

@@ -295,6 +295,19 @@ def test_topaz_table_without_score_and_scaled(tmp_path):
     assert np.isnan(_scores(table)).all()
 
 
+def test_topaz_rows_longer_than_the_header_are_refused_not_shifted(tmp_path):
+    # pandas took the surplus leading fields for an index: micrograph "20", x = 30, y = 40
+    path = write_text(tmp_path / "picks.txt", "image_name\tx_coord\ty_coord\nmic_a 10 20 30 40\nmic_a 1 2 3 4\n")
+    with pytest.raises(InputFileError, match=r"picks\.txt: rows have more fields than the header's 3"):
+        read_coordinate_file(path)
+
+
+def test_topaz_header_without_y_coord_names_the_missing_column(tmp_path):
+    path = write_text(tmp_path / "picks.txt", "image_name\tx_coord\tscore\nmic_a\t10\t0.5\n")
+    with pytest.raises(InputFileError, match=r"picks\.txt: a Topaz table needs x_coord and y_coord"):
+        read_coordinate_file(path)
+
+
 def test_topaz_writer_round_trip(tmp_path):
     path = tmp_path / "picks.txt"
     write_topaz_table(path, [("Movies/m1.mrc", 10.4, 20.6, 0.5), ("Movies/m2.mrc", 3.0, 4.0, -2.0)])

@@ -624,6 +624,16 @@ def test_unreadable_micrographs_are_skipped_and_all_failed_is_an_error(tmp_path,
         pick("mics", blob_checkpoint, "out2", quiet_config(), quiet=True)
 
 
+def test_a_micrograph_missing_from_the_star_is_skipped_and_listed(tmp_path, monkeypatch, blob_checkpoint):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mics").mkdir()
+    write_mrc(tmp_path / "mics/good.mrc", blob_image((300, 260), [(130.0, 150.0)], sigma=6.0), pixel_size=2.0)
+    write_micrographs_star(tmp_path / "mics.star", ["mics/good.mrc", "mics/deleted.mrc"], 2.0)
+    summary = pick("mics.star", blob_checkpoint, "out", quiet_config(), quiet=True)
+    assert list(summary.counts) == ["mics/good.mrc"]
+    assert summary.failed == {"mics/deleted.mrc": "file not found"}
+
+
 def test_extra_outputs_box_topaz_particles_and_preview(relion_project, blob_checkpoint):
     config = quiet_config(write_box=True, write_topaz=True, write_particles=True, preview=1, expected_particles=1.0)
     summary = pick("micrographs.star", blob_checkpoint, "out", config, quiet=True)

@@ -151,6 +151,8 @@ def _read_tables(path: Path, pixel_size: float | None, allow_list: bool,
     first = _first_content_line(head).split()
     if "x_coord" in first and "y_coord" in first:
         return _read_topaz_table(path)
+    if {"image_name", "x_coord", "y_coord"} & set(first):
+        raise InputFileError(path, f"a Topaz table needs x_coord and y_coord columns (header: {' '.join(first)})")
     suffix = path.suffix.lower()
     if suffix in (".box", ".cbox"):
         return [CoordinateTable(path, None, _read_corner_boxes(path, with_confidence=suffix == ".cbox"))]
@@ -335,6 +337,9 @@ def _read_topaz_table(path: Path) -> list[CoordinateTable]:
         table = pd.read_csv(path, sep=r"\s+", dtype={"image_name": str}, comment=None, engine="python")
     except Exception as exc:  # pandas raises ParserError, ValueError, UnicodeDecodeError…
         raise InputFileError(path, f"not a readable Topaz coordinate table ({type(exc).__name__}: {exc})") from None
+    if not isinstance(table.index, pd.RangeIndex):  # pandas takes surplus leading fields for an index
+        raise InputFileError(path, f"rows have more fields than the header's {len(table.columns)} "
+                                   f"({', '.join(map(str, table.columns))})")
     score = _numeric(path, table, "score") if "score" in table.columns else np.full(len(table), np.nan)
     coords = _coords_frame(_numeric(path, table, "x_coord"), _numeric(path, table, "y_coord"), score,
                            drop_missing=False)

@@ -178,8 +178,10 @@ def _entries_from_star(star: Path, project_dir) -> list[MicrographEntry]:
         path = resolve_data_path(name, bases)
         if path is None:
             missing.append(name)
-        else:
-            entries.append(MicrographEntry(path=path, name=name, pixel_size=pixel_size))
+            path = Path(name) if Path(name).is_absolute() else bases[0] / name
+        entries.append(MicrographEntry(path=path, name=name, pixel_size=pixel_size))
+    if missing and len(missing) < len(names):
+        return entries  # a few gone: reading them fails, and extract and pick skip and list them
     if missing:
         shown = ", ".join(missing[:_MISSING_SHOWN]) + (", …" if len(missing) > _MISSING_SHOWN else "")
         raise InputFileError(
