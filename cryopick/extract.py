@@ -340,6 +340,8 @@ def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, co
                               cs_flip_y=config.cs_flip_y)
     for message in tables.warnings:
         warn(message)
+    if sum(len(table.coords) for table in tables) == 0:
+        raise CryopickError(f"the coordinate files hold no coordinates ({len(tables)} empty table(s) in {coords})")
     match = _match_usable(listed, entries, tables)
     summary.unmatched = list(match.unmatched)
     for item in match.unmatched:

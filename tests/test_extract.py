@@ -162,7 +162,7 @@ def test_fatal_inputs_fail_clearly_and_leave_nothing(tiny_project, problem):
         shutil.rmtree(root / "labels")
         (root / "labels").mkdir()
         (root / "labels" / "mic_a.star").write_text("")
-        match = "no labeled coordinate"
+        match = r"the coordinate files hold no coordinates \(1 empty table"  # not "matched no micrograph"
     elif problem == "pixel_sizes":
         write_mrc(root / "mics" / "mic_c.mrc", np.zeros((180, 300), np.float32), pixel_size=1.0)
         match = "different pixel sizes"
