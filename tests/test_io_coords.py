@@ -207,6 +207,17 @@ def test_non_utf8_byte_past_the_sniffed_head_is_refused_not_read_as_empty(tmp_pa
         read_coordinate_file(path)
 
 
+def test_star_and_box_files_starting_with_a_utf8_bom_are_read(tmp_path):
+    path = tmp_path / "m.star"  # Windows editors add one; it hid "data_" from the format sniffing
+    path.write_bytes(b"\xef\xbb\xbfdata_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n10 20\n30 40\n")
+    (table,) = read_coordinate_file(path)
+    assert table.coords[["x", "y"]].to_numpy().tolist() == [[10.0, 20.0], [30.0, 40.0]]
+    box = tmp_path / "m.box"
+    box.write_bytes(b"\xef\xbb\xbf10 20 80 80\n")
+    (table,) = read_coordinate_file(box)
+    assert table.coords[["x", "y"]].to_numpy().tolist() == [[50.0, 60.0]]
+
+
 def test_a_column_named_twice_is_refused(tmp_path):
     path = write_text(tmp_path / "m.star", "data_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateX #2\n"
                                           "_rlnCoordinateY #3\n10 20 30\n")

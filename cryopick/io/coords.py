@@ -162,7 +162,7 @@ def _read_tables(path: Path, pixel_size: float | None, allow_list: bool,
 def _read_head(path: Path) -> str:
     try:
         with open(path, "rb") as handle:
-            return handle.read(_SNIFF_BYTES).decode("utf-8", errors="strict")
+            return handle.read(_SNIFF_BYTES).decode("utf-8", errors="strict").removeprefix("\ufeff")  # BOM
     except UnicodeDecodeError:
         raise InputFileError(path, "not a text file (not UTF-8); expected a coordinate table") from None
     except OSError as exc:
@@ -357,7 +357,7 @@ def _split_by_name(path: Path, coords: pd.DataFrame, names: pd.Series) -> list[C
 
 def _content_lines(path: Path):
     """(line number, whitespace-separated tokens) of every line that is not blank or a ``#`` comment."""
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             tokens = line.split()
             if tokens and not tokens[0].startswith("#"):
