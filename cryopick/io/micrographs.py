@@ -70,30 +70,15 @@ def read_star_blocks(path: str | Path) -> dict[str, pd.DataFrame | dict]:
     return blocks
 
 
-def _check_utf8(path: Path, chunk_bytes: int = 1 << 20) -> None:
+def _check_utf8(path: Path) -> None:
     """Refuse bytes that are not UTF-8 anywhere in the file: starfile would read such a file as empty."""
-    import codecs
-
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as exc:
-                line = _line_number(path, offset + exc.start)
-                raise InputFileError(path, f"line {line} is not UTF-8 text (byte {offset + exc.start}); "
-                                           "a STAR file must be plain text") from None
-            offset += len(chunk)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise InputFileError(path, "ends inside a multi-byte character (not UTF-8 text)") from None
-
-
-def _line_number(path: Path, byte_offset: int) -> int:
-    with open(path, "rb") as handle:
-        return handle.read(byte_offset).count(b"\n") + 1
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InputFileError(path, f"line {line} is not UTF-8 text (byte {exc.start}); "
+                                   "a STAR file must be plain text") from None
 
 
 def candidate_bases(star_path: str | Path, project_dir: str | Path | None = None) -> list[Path]:
