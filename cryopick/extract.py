@@ -94,6 +94,7 @@ class ExtractSummary:
     inputs: dict = field(default_factory=dict)  # the micrographs and coordinates arguments, as given
     n_padded: int = 0
     n_outside: int = 0
+    outside: list[tuple[str, int, int, tuple[int, int]]] = field(default_factory=list)  # path, n out, n, shape
     skipped: list[tuple[str, str]] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     record: PreprocessRecord | None = None
@@ -403,6 +404,7 @@ def _extract_into(out_dir: Path, entries: list[MicrographEntry], shapes: list, l
     writer.finish(record, has_truth, mic_records, {
         "n_padded": summary.n_padded,
         "n_outside": summary.n_outside,
+        "outside": [{"path": p, "n_outside": n_out, "n_labels": n} for p, n_out, n, _ in summary.outside],
         "skipped": [{"path": p, "reason": r} for p, r in summary.skipped],
         "inputs": summary.inputs,
         "unmatched_coordinates": summary.unmatched,
@@ -421,6 +423,9 @@ def _add_patches(writer: DatasetWriter, entry: MicrographEntry, split: str, resu
     summary.n_labeled_micrographs[split] += int(len(result.positive) > 0)
     summary.n_padded += result.n_padded
     summary.n_outside += result.n_outside
+    if result.n_outside:
+        summary.outside.append((str(entry.path), result.n_outside, result.n_outside + len(result.positive),
+                                result.shape))
     summary.n_used += 1
     if result.binned is not None:
         writer.add_labeled_micrograph(entry.name, split, result.binned, result.scales, result.shape,
@@ -456,9 +461,21 @@ def print_summary(summary: ExtractSummary) -> None:
         console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False)
     for item in summary.unmatched:
         console.print(f"[yellow]unmatched coordinates[/yellow] {item}", highlight=False)
+    for line in outside_lines(summary.outside):
+        console.print(f"[yellow]coordinates outside[/yellow] {line}", highlight=False)
     holdout = holdout_warning(summary.n_positive, summary.n_labeled_micrographs)
     if holdout:
         console.print(f"[yellow]note:[/yellow] {holdout}", highlight=False)
+
+
+def outside_lines(outside: list[tuple[str, int, int, tuple[int, int]]], shown: int = 10) -> list[str]:
+    """One line per micrograph whose labels fall off it (the first ``shown``), with its size to compare against."""
+    lines = [f"{path}: {n_out} of {n} labels lie beyond its {shape[1]}×{shape[0]} px"
+             + (" (coordinates in other pixels? see --coord-scale)" if 2 * n_out > n else "")
+             for path, n_out, n, shape in outside[:shown]]
+    if len(outside) > shown:
+        lines.append(f"… and {len(outside) - shown} more micrographs ({sum(o[1] for o in outside[shown:])} labels)")
+    return lines
 
 
 def next_steps(summary: ExtractSummary) -> list[str]:

@@ -44,8 +44,8 @@ def next_steps_extract(data_dir: str | Path, cuda: bool) -> list[str]:
     name = data_dir.resolve().name or "run1"
     cpu = "" if cuda else " --backbone resnet8"  # resnet18, the default, is several times slower on a CPU
     return [f"next: cryopick train --data-dir {_q(data_dir)} --exp-name {_q(name)}{cpu}",
-            "      add --expected-particles N (about how many particles one micrograph holds) to set the class "
-            "prior; without it π = 0.3 is assumed"]
+            "      no particle count is needed: train estimates it and prints the estimate; "
+            "--expected-particles N overrides the estimate"]
 
 
 # ---------------------------------------------------------------------------------------------

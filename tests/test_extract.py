@@ -10,7 +10,7 @@ from conftest import DEV_SHELL
 from cryopick.config import ExtractConfig
 from cryopick.dataset import reflect_pad
 from cryopick.errors import CryopickError
-from cryopick.extract import extract, split_micrographs
+from cryopick.extract import extract, outside_lines, split_micrographs
 from cryopick.io.mrc import read_micrograph, write_mrc
 from cryopick.io.relion import write_coordinate_star
 from cryopick.preprocessing import preprocess
@@ -139,6 +139,19 @@ def test_coordinates_outside_are_counted_not_fatal(tiny_project):
     write_coordinate_star(root / "labels" / "mic_c_manualpick.star", [50.0, 900.0], [50.0, 50.0], [0, 0])
     summary = extract(str(root / "mics"), str(root / "labels"), root / "ds", _config(), quiet=True)
     assert summary.n_outside == 1 and summary.n_positive["train"] == 6
+    assert [(Path(p).name, n_out, n) for p, n_out, n, _ in summary.outside] == [("mic_c.mrc", 1, 2)]
+    assert outside_lines(summary.outside) == [f"{root / 'mics' / 'mic_c.mrc'}: 1 of 2 labels lie beyond its "
+                                              "300×180 px"]
+    manifest = json.loads((root / "ds" / "manifest.json").read_text())
+    assert manifest["outside"] == [{"path": str(root / "mics" / "mic_c.mrc"), "n_outside": 1, "n_labels": 2}]
+
+
+def test_outside_lines_suggest_the_scale_when_most_labels_fall_off_and_cap_the_list():
+    many = [(f"m{i}.mrc", 3, 4, (100, 200)) for i in range(12)]
+    lines = outside_lines(many, shown=2)
+    assert lines == ["m0.mrc: 3 of 4 labels lie beyond its 200×100 px (coordinates in other pixels? see "
+                     "--coord-scale)", "m1.mrc: 3 of 4 labels lie beyond its 200×100 px (coordinates in other "
+                     "pixels? see --coord-scale)", "… and 10 more micrographs (30 labels)"]
 
 
 def test_unmatched_coordinate_files_are_reported(tiny_project):

@@ -225,6 +225,24 @@ def test_a_column_named_twice_is_refused(tmp_path):
         read_coordinate_file(path)
 
 
+LOOP = "loop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n"
+
+
+def test_concatenated_star_files_are_refused_not_read_as_the_last(tmp_path):
+    # `cat a.star b.star`: two blocks named data_; starfile keeps only the last, the first table vanished
+    path = write_text(tmp_path / "m.star", f"data_\n\n{LOOP}1 2\n3 4\n\ndata_\n\n{LOOP}5 6\n")
+    with pytest.raises(InputFileError, match=r"m\.star: data block data_ appears more than once"):
+        read_coordinate_file(path)
+
+
+def test_a_second_coordinate_table_is_named_in_a_warning(tmp_path):
+    path = write_text(tmp_path / "m.star", f"data_a\n\n{LOOP}1 2\n3 4\n\ndata_b\n\n{LOOP}5 6\n")
+    tables = read_coordinate_file(path)
+    assert [_xy(t) for t in tables] == [[[1.0, 2.0], [3.0, 4.0]]]
+    assert tables.warnings == [f"{path}: 2 coordinate tables (data_a, data_b); only data_a is read (one table "
+                               "per file)"]
+
+
 def test_rows_with_nan_coordinates_are_dropped(tmp_path):
     path = write_text(tmp_path / "m.star",
                       "data_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n1.0 2.0\nnan 3.0\n4.0 <NA>\n5.0 6.0\n")

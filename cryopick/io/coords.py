@@ -194,6 +194,7 @@ def _read_star(path: Path, pixel_size: float | None, allow_list: bool, warnings:
             if not allow_list:
                 raise InputFileError(path, "a coordinate_files list may not refer to another list")
             return _read_coordinate_list(path, table, pixel_size, warnings)
+    _warn_extra_coordinate_blocks(path, blocks, warnings)
     for table in loops:
         if {"rlnCoordinateX", "rlnCoordinateY"} <= set(table.columns):
             if "rlnMicrographName" in table.columns:
@@ -206,6 +207,16 @@ def _read_star(path: Path, pixel_size: float | None, allow_list: bool, warnings:
     raise MissingCoordinatesError(
         path, f"no rlnCoordinateX/rlnCoordinateY columns (found: {', '.join(found) or 'no loop tables'})"
     )
+
+
+def _warn_extra_coordinate_blocks(path: Path, blocks: dict, warnings: list[str]) -> None:
+    """Only the first coordinate table of a STAR is read; say so when there are more (concatenated files)."""
+    names = [name for name, block in blocks.items()
+             if isinstance(block, pd.DataFrame) and {"rlnCoordinateX", "rlnCoordinateY"} <= set(block.columns)]
+    if len(names) > 1:
+        shown = ", ".join(f"data_{n}" for n in names)
+        warnings.append(f"{path}: {len(names)} coordinate tables ({shown}); only data_{names[0]} is read "
+                        "(one table per file)")
 
 
 def _relion_centres(path: Path, table: pd.DataFrame) -> pd.DataFrame:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Sequence
@@ -52,7 +53,7 @@ def read_star_blocks(path: str | Path) -> dict[str, pd.DataFrame | dict]:
     """All data blocks of a STAR file (``{}`` for RELION's 0-byte empty table), name columns kept as text."""
     path = Path(path)
     try:
-        _check_utf8(path)
+        _check_block_names(path, _check_utf8(path))
         blocks = starfile.read(path, always_dict=True, parse_as_string=list(NAME_COLUMNS))
     except FileNotFoundError:
         raise InputFileError(path, "file not found") from None
@@ -70,11 +71,21 @@ def read_star_blocks(path: str | Path) -> dict[str, pd.DataFrame | dict]:
     return blocks
 
 
-def _check_utf8(path: Path) -> None:
-    """Refuse bytes that are not UTF-8 anywhere in the file: starfile would read such a file as empty."""
+def _check_block_names(path: Path, text: str) -> None:
+    """Refuse a data block name given twice (``cat a.star b.star``): starfile would keep only the last one."""
+    names = Counter(line.strip()[5:] for line in text.splitlines() if line.strip().startswith("data_"))
+    repeated = sorted(name for name, count in names.items() if count > 1)
+    if repeated:
+        shown = ", ".join(f"data_{name}" for name in repeated)
+        raise InputFileError(path, f"data block {shown} appears more than once (concatenated STAR files?); "
+                                   "give each table its own file or block name")
+
+
+def _check_utf8(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 anywhere are refused: starfile would read such a file as empty."""
     data = path.read_bytes()
     try:
-        data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise InputFileError(path, f"line {line} is not UTF-8 text (byte {exc.start}); "
