@@ -14,7 +14,7 @@ separately on the micrographs without labels. The ablation (selective vs all vs 
 EMA teacher) runs with the same data and budget on the shell case, or on the cases of --ablation-cases.
 
     python benchmarks/accuracy.py                       # CPU profile, < 1 h on 2 cores, writes RESULTS.md
-    python benchmarks/accuracy.py --quick --out /tmp/acc-quick     # tiny, checks the script (minutes; 26 s with --skip-topaz)
+    python benchmarks/accuracy.py --quick --out /tmp/acc-quick     # tiny, checks the script (under a minute once Topaz is installed)
     python benchmarks/accuracy.py --gpu                 # design defaults (resnet18, 50 epochs; Topaz defaults)
     python benchmarks/accuracy.py --cases shell-snr0.05,dev-shell --skip-topaz
     python benchmarks/accuracy.py --cases dev-sparse --ablation-cases dev-sparse --seeds 3 --skip-topaz
