@@ -81,9 +81,10 @@ def main() -> None:
         t_before = args.threshold if args.threshold is not None else checkpoint_default_threshold(run.checkpoint)
         before, old = scored_run(run, radius, t_before), ckpt.get("calibration")
         held_out = held_out_like_train(run, config)
-        estimates = counts(ckpt, held_out or calibration_micrographs(run.dataset)[0], radius)
+        split_held_out = config.get("data", {}).get("mode") != "dense"  # as train calibrates
+        estimates = counts(ckpt, held_out or calibration_micrographs(run.dataset, split_held_out)[0], radius)
         calibrate_checkpoint(run.checkpoint, run.dataset, config.get("loss", {}).get("expected_particles"),
-                             torch.device("cpu"), held_out)
+                             torch.device("cpu"), held_out, split_held_out)
         t_after = args.threshold if args.threshold is not None else checkpoint_default_threshold(run.checkpoint)
         after, new = scored_run(run, radius, t_after), load_checkpoint(run.checkpoint).get("calibration")
         print(f"| {run.name} | {estimates} | {describe(old)} → {describe(new)} | {before['f1']:.3f} → {after['f1']:.3f} "

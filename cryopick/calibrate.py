@@ -199,8 +199,8 @@ def estimate_particle_count(peak_scores: np.ndarray, label_scores: np.ndarray, n
     peaks = np.asarray(peak_scores, dtype=np.float64)
     matched = np.sort(np.asarray(label_scores, dtype=np.float64))[::-1]
     if n_labels <= 0 or len(matched) == 0:
-        raise CryopickError("no label was found among the peaks: cannot estimate the number of particles; "
-                            "give the count (train --expected-particles N)")
+        raise CryopickError("no label was found among the peaks: cannot estimate the number of particles "
+                            "from the labels")
     k = min(len(matched), max(1, math.ceil(recall * n_labels - 1e-9)))
     t = matched[k - 1]
     above = int(np.count_nonzero(peaks >= t))
@@ -288,8 +288,9 @@ def fit_calibration(peak_scores: np.ndarray, label_scores: np.ndarray, n_labels:
         raise CryopickError("every peak has the same score (an untrained model?): cannot calibrate; "
                             "train longer, or pick with your own --threshold")
     if len(labels) == 0:
-        raise CryopickError("no label was found among the peaks: cannot calibrate; give the count "
-                            "(train --expected-particles N) or pick with your own --threshold")
+        raise CryopickError("no label was found among the peaks (the model does not yet score the "
+                            "particles above the background): cannot calibrate; train longer or on more labels, "
+                            "or pick with your own --threshold")
     given = expected_particles is not None
     n_given = max(float(expected_particles) * n_micrographs - n_known, 1.0) if given else None
     # the mixture is checked against a generous bound, the labels' own count is the tightest one

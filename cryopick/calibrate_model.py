@@ -63,24 +63,27 @@ def scored_peaks(model, micrographs: list[dict], pad: int, radius_px: float, dev
     return np.concatenate(peaks), np.concatenate(matched), n_labels
 
 
-def calibration_micrographs(data_dir: str | Path) -> tuple[list[dict], bool]:
-    """Labeled validation micrographs when there are any (held out: True), else the training ones."""
+def calibration_micrographs(data_dir: str | Path, split_held_out: bool = True) -> tuple[list[dict], bool]:
+    """Labeled validation micrographs when there are any and training left them out (``split_held_out``;
+    held out: True), else every labeled micrograph (held out: False)."""
     mics = [m for m in load_labeled_micrographs(data_dir) if len(m["labels"])]
-    held_out = [m for m in mics if m["split"] == "val"]
+    held_out = [m for m in mics if m["split"] == "val"] if split_held_out else []
     return (held_out, True) if held_out else (mics, False)
 
 
 def calibrate_checkpoint(checkpoint: str | Path, data_dir: str | Path, expected_particles: float | None = None,
-                         device: torch.device | str = "cpu", held_out_labels: list[dict] | None = None) -> Calibration:
+                         device: torch.device | str = "cpu", held_out_labels: list[dict] | None = None,
+                         split_held_out: bool = True) -> Calibration:
     """Fit the calibration of ``checkpoint`` and store it in the file: on ``held_out_labels`` (labeled micrographs
     whose ``labels`` were held out of training and whose ``exclude`` labels trained it, from dense training)
-    or else on ``data_dir``'s labeled micrographs."""
+    or else on ``data_dir``'s labeled micrographs (``split_held_out``: whether training left extract's val
+    split out, as patch training does; dense training crops every labeled micrograph)."""
     ckpt = load_checkpoint(checkpoint)
     record = preprocess_from_checkpoint(ckpt)
     if held_out_labels:
         mics, held_out = held_out_labels, True
     else:
-        mics, held_out = calibration_micrographs(data_dir)
+        mics, held_out = calibration_micrographs(data_dir, split_held_out)
     if not mics:
         raise CryopickError(f"{data_dir}: no labeled micrographs kept by extract (a dataset of format ≥ 2 "
                             "is needed): cannot calibrate")
@@ -126,15 +129,15 @@ def held_out_metrics(model, held_out: list[dict], record, device: torch.device, 
 
 
 def calibrate_best(best_path: Path, data_dir: str | Path, expected_particles: float | None, device: torch.device,
-                   quiet: bool, held_out: list[dict] | None = None) -> None:
+                   quiet: bool, held_out: list[dict] | None = None, split_held_out: bool = True) -> None:
     """Train's last act: store pick's calibration in best.pt and say what it found; a failure leaves the raw
     scores and says what to do."""
     try:
-        calibration = calibrate_checkpoint(best_path, data_dir, expected_particles, device, held_out)
+        calibration = calibrate_checkpoint(best_path, data_dir, expected_particles, device, held_out,
+                                           split_held_out)
     except CryopickError as exc:
         warn(f"pick calibration failed: {exc}. pick will write uncalibrated scores; choose a threshold "
-             "(pick --expected-particles N prints the one giving N picks per micrograph) or retrain with "
-             "--expected-particles N")
+             "(pick --expected-particles N prints the one giving N picks per micrograph)")
         return
     threshold, reason = default_cut(calibration)
     info(f"pick calibration: {calibration.describe()}; pick's default p ≥ {threshold:.3g} "

@@ -82,7 +82,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 def extract(
     micrographs: str = typer.Argument(..., help="Micrographs: a directory, a glob ('mics/*.mrc') or a RELION micrographs STAR."),
     coords: str = typer.Option(..., "--coords", "-c", help="Labeled coordinates: a directory, a glob or one file "
-                               "(RELION STAR, coordinate_files list, particles STAR, .box, .cbox, Topaz table)."),
+                               "(RELION STAR, coordinate_files list, particles STAR, .box, .cbox, Topaz table, cryoSPARC .cs)."),
     diameter: float = typer.Option(..., "--diameter", "-d", help="Particle diameter, Å. Sets the default binning "
                                    "(particle ≈ half the patch) and pick's NMS radius."),
     out: Path = typer.Option(..., "--out", "-o", help="Output dataset directory (new, or a dataset to --overwrite)."),
@@ -93,8 +93,11 @@ def extract(
                                                "(overrides the MRC headers and the STAR optics)."),
     unlabeled: Optional[int] = typer.Option(None, "--unlabeled-per-micrograph", help="Unlabeled patches per micrograph "
                                             "(default: about one per particle radius² of area, 200–2000)."),
-    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Fraction of micrographs held out for "
-                                                 "validation, 0 ≤ f < 1." + default(ExtractConfig, "val_fraction")),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Fraction of micrographs put in the val "
+                                                 "split, 0 ≤ f < 1: held out of training by train --mode patches "
+                                                 "(dense training, the default, trains on every labeled micrograph "
+                                                 "and holds out a fifth of each one's labels instead)."
+                                                 + default(ExtractConfig, "val_fraction")),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Patches per chunk_NNNNN.pt file."
                                              + default(ExtractConfig, "chunk_size")),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Parallel worker processes (micrographs)."
@@ -110,7 +113,8 @@ def extract(
                                              "on cryoSPARC Patch Motion output used with RELION/MotionCor2 micrographs."
                                              + default(ExtractConfig, "cs_flip_y")),
     truth: Optional[str] = typer.Option(None, "--truth", help="Full ground truth (simulated data): recorded so "
-                                        "training can report true validation metrics. Never used for training."),
+                                        "train --mode patches and evaluate --data-dir can report true metrics. Never "
+                                        "used for training."),
     project_dir: Optional[Path] = typer.Option(None, "--project-dir", help="RELION project directory that "
                                                "rlnMicrographName paths are relative to (default: searched)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with ExtractConfig keys (CLI wins)."),
@@ -141,8 +145,8 @@ def default_config_text() -> str:
 @app.command(epilog="Example: cryopick train --data-dir ds/ --exp-name run1   (--print-config shows every key)")
 @user_errors
 def train(
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Dataset from extract (directory) or a "
-                                            "preprocessed_data.pt file."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Dataset from extract (directory), or a "
+                                            "preprocessed_data.pt file (--mode patches only)."),
     exp_name: Optional[str] = typer.Option(None, "--exp-name", help="Experiment name: output goes to OUTPUT_ROOT/NAME."
                                            + default(TrainConfig, "train.exp_name")),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (keys as in --print-config); CLI wins."),
@@ -150,8 +154,8 @@ def train(
                                        "labeled micrographs is a PU sample (labels within the positive radius, D/8, "
                                        "are positive); patches: one sample per extracted patch (the design "
                                        "document's classifier)." + default(TrainConfig, "data.mode")),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (patches: one epoch shows every "
-                                         "positive once; dense: crops covering the labeled micrographs 4 times)."
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (patches: one pass over the "
+                                         "unlabeled patches, every positive shown at least once; dense: crops covering the labeled micrographs 4 times)."
                                          + default(TrainConfig, "train.epochs")),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Patches (dense: crops of patch size) per "
                                              "batch; P:U 1:4 (dense: 1 of 5 crops centred near a label)."
@@ -161,7 +165,8 @@ def train(
     prior: Optional[float] = typer.Option(None, "--prior", help="Class prior π: fraction of unlabeled patch centres "
                                           "(dense: map samples) within the positive radius of a particle, 0 ≤ π < 1 "
                                           "(default: 0 for dense, the balanced positive-vs-unlabeled risk that needs no "
-                                          "count; 0.3 for patches)."),
+                                          "count; 0.3 for patches, where 0 needs --balanced-prior and "
+                                          "--expected-particles, when given, sets π instead)."),
     expected_particles: Optional[float] = typer.Option(None, "--expected-particles", help="Particles per micrograph; "
                                                        "replaces the estimated count in pick's calibration (and, "
                                                        "for --mode patches, sets π from the positive radius and "

@@ -31,7 +31,7 @@ class ExtractConfig:
     pixel_size: float | None = None  # Å/px of the input micrographs, overrides the headers/STAR
     patch_size: int = 128  # binned pixels
     unlabeled_per_micrograph: int | None = None  # default: dense sampling, see extract.default_unlabeled_count
-    val_fraction: float = 0.2  # fraction of micrographs held out for validation
+    val_fraction: float = 0.2  # fraction of micrographs in the val split (held out by train --mode patches)
     chunk_size: int = 2048  # patches per .pt chunk
     workers: int = 1
     seed: int = 0
@@ -269,7 +269,7 @@ RULES: dict[type, dict[str, Rule]] = {
     ModelConfig: {
         "backbone": _r("--backbone"),  # choices from cryopick.model, checked in _check_model
         "dropout": _r(None, 0, 1, high_open=True),
-        "output_stride": _r(None, choices=None, low=1, high=64, integer=True),
+        "output_stride": _r(None, choices=("4", "8", "16", "32"), integer=True),  # the strides model.py builds
         "ema_decay": _r(None, 0, 1, high_open=True),
     },
     LossConfig: {
@@ -400,6 +400,8 @@ def _check_number(value: Any, base: type, rule: Rule | None, name: str) -> None:
         raise CryopickError(f"{name} = {value!r}: expected {expected}")
     if rule is None:
         return
+    if rule.choices is not None and _num(value) not in rule.choices:
+        raise CryopickError(f"{name} = {value!r}: expected {expected}")
     too_low = rule.low is not None and (value < rule.low or (rule.low_open and value == rule.low))
     too_high = rule.high is not None and (value > rule.high or (rule.high_open and value == rule.high))
     if too_low or too_high:

@@ -172,8 +172,9 @@ def dense_sampler(data_dir, crop_size: int, stride: int, radius: float, batch: t
     training, held_out = hold_out_labels(mics, config.data.holdout_labels, config.train.seed)
     sources = crop_sources(training, crop_size // 2 + margin)
     if not sources:
-        raise CryopickError(f"{data_dir}: the dataset stores no labeled micrographs (datasets from extract before "
-                            "dataset format 2 lack them): run extract again, or train with --mode patches")
+        raise CryopickError(f"{data_dir}: no labeled micrographs (labeled_micrographs.pt, which dense training "
+                            "crops; a single .pt file has none): give the directory extract wrote or run extract "
+                            "again, or train with --mode patches")
     sampler = CropSampler(sources, crop_size, stride, radius, *batch, config.train.seed, config.train.steps_per_epoch,
                           rank, world, dihedral_augment=config.augment.flips, margin=margin)
     return sampler, held_out

@@ -77,8 +77,10 @@ PARAMS: dict[str, Param] = {
     "expected_particles": Param(float, "particles per micrograph: calibrates the picks, reports its pick "
                                 "threshold"),
     "balanced_prior": Param(float, "imbalanced nnPU prior π' (e.g. 0.5)"),
-    "val_fraction": Param(float, "fraction of micrographs held out for validation"),
-    "unlabeled_per_micrograph": Param(int, "unlabeled training patches per micrograph (default: by area)"),
+    "val_fraction": Param(float, "extract's val split (micrographs); training holds out a fifth of each "
+                                    "micrograph's labels instead"),
+    "unlabeled_per_micrograph": Param(int, "extract's unlabeled patches per micrograph (default: by area; "
+                                            "not used by the job's dense training)"),
     "edge": Param(float, "drop picks closer than this to an edge, original px"),
     "max_picks": Param(int, "at most this many picks per micrograph"),
     "seed": Param(int, "random seed"),

@@ -203,6 +203,17 @@ def _count_note(config: TrainConfig) -> str:
     return f" (your count, {config.loss.expected_particles:g} per micrograph, calibrates the picks)"
 
 
+def _data_note(dataset, sampler, held_out: list[dict], mode: str) -> str:
+    """What trains and what is held out: labels and micrographs (dense) or patches (patches)."""
+    if mode == "dense":
+        n_train = sum(len(source.labels) for source in sampler.sources)
+        n_held = sum(len(m["labels"]) for m in held_out)
+        return (f"{len(sampler.sources)} labeled micrographs, {n_train} training labels + {n_held} held out "
+                "(dense crops; extract's patches unused)")
+    return (f"{len(dataset.train.positive)} positive / {len(dataset.train.unlabeled)} unlabeled patches (train), "
+            f"{len(dataset.val.positive)} / {len(dataset.val.unlabeled)} (val)")
+
+
 def build_run(config: TrainConfig, exp_dir: Path, quiet: bool) -> Run:
     """Device and ranks, the dataset and its prior, the model, teacher and optimiser, the P:U sampler."""
     dist = Distributed(resolve_device(config.train.device))
@@ -211,10 +222,6 @@ def build_run(config: TrainConfig, exp_dir: Path, quiet: bool) -> Run:
     dataset = load_dataset(config.data.data_dir)
     prior = resolve_prior(config, dataset)
     shift_px = positive_radius_px(config.data.max_shift, dataset.record)
-    info(f"dataset {dataset.source}: {len(dataset.train.positive)} positive / {len(dataset.train.unlabeled)} "
-         f"unlabeled (train), {len(dataset.val.positive)} / {len(dataset.val.unlabeled)} (val); prior π = {prior:.4g}"
-         f"{_count_note(config)}; "
-         f"positive radius {shift_px:.1f} binned px; device {device}", quiet or not dist.main)
     on_cuda = device.type == "cuda"
     channels_last = config.train.channels_last  # faster on CUDA and on CPUs (oneDNN) alike
     model = PatchClassifier(config.model.backbone, config.model.dropout, config.model.output_stride).to(device)
@@ -236,6 +243,9 @@ def build_run(config: TrainConfig, exp_dir: Path, quiet: bool) -> Run:
         held_out = []
         sampler = PUBatchSampler(len(train_data.positive), len(train_data.unlabeled), n_p, n_u, config.train.seed,
                                  config.train.steps_per_epoch, dist.rank, dist.world)
+    info(f"dataset {dataset.source}: {_data_note(dataset, sampler, held_out, config.data.mode)}; prior π = "
+         f"{prior:.4g}{_count_note(config)}; positive radius {shift_px:.1f} binned px; device {device}",
+         quiet or not dist.main)
     per_step = forwards_per_step(n_p, n_u, config.loss.consistency, config.loss.lambda_cons, config.data.mode)
     val_budget = validation_budget(sampler.steps_per_epoch, per_step, config.train.val_budget,
                                    config.train.val_max_patches)
@@ -440,7 +450,7 @@ def _finish(run: Run, state: TrainState, quiet: bool) -> None:
         run.save(run.best_path, state, state.history[-1] if state.history else {})
     if run.dist.main and run.best_path.exists():
         calibrate_best(run.best_path, run.config.data.data_dir, run.config.loss.expected_particles, run.device,
-                       quiet, run.held_out)
+                       quiet, run.held_out, split_held_out=run.config.data.mode != "dense")
     warning = first_epoch_best_warning(state.best_epoch, state.epoch, run.config.train.monitor)
     validated = any("val_recall" in row for row in state.history)  # else "best" is the lowest training loss
     if run.dist.main and warning and validated:

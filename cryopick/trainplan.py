@@ -206,7 +206,9 @@ def epoch_line(row: dict, epochs: int, monitor: str, best_value: float, best_epo
                  f"({row['val_n_positive']} labels, {row['val_n_peaks']} peaks), "
                  f"recall {_fmt(row.get('val_recall'))} at raw p ≥ 0.5"]
     elif "val_recall" not in row:
-        return f"{head} no held-out labeled micrograph, so no held-out metrics (best = lowest training loss)"
+        return (f"{head} no held-out labels, so no held-out metrics (best = lowest training loss): dense "
+                "training holds out a fifth of each micrograph's labels, none of one with fewer than 3; "
+                "--mode patches needs a labeled micrograph in extract's val split")
     else:
         precision = (f"precision {_fmt(row['val_true_precision'])} (true labels)" if "val_true_precision" in row
                      else f"est. precision {_fmt(row.get('val_est_precision'))}")
@@ -225,6 +227,6 @@ def first_epoch_best_warning(best_epoch: int, epochs_run: int, monitor: str) -> 
     if best_epoch != 0 or epochs_run < 3:
         return None
     return (f"the best {monitor} was at the first epoch of {epochs_run}: the held-out score got worse as training "
-            "went on. Likely too few or too similar held-out labels to judge by, a class prior far off, or "
-            "overfitting the few labels. Try: --expected-particles N (your count per micrograph), a lower --lr, "
-            "more hand-picked micrographs; compare the pick previews of best.pt and last.pt.")
+            "went on. Likely too few or too similar held-out labels to judge by, or overfitting the few labels "
+            "(with --mode patches also a class prior far off: --expected-particles N). Try: a lower --lr, more "
+            "hand-picked micrographs; compare the pick previews of best.pt and last.pt.")

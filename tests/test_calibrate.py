@@ -302,8 +302,10 @@ def test_a_given_count_keeps_the_mixtures_likelihood_ratio():
 
 
 def test_failures_say_what_to_do():
-    with pytest.raises(CryopickError, match="expected-particles"):
+    with pytest.raises(CryopickError, match="train longer or on more labels, or pick with your own --threshold"):
         fit_calibration(PEAKS, np.zeros(0), 4, 1, True)
+    with pytest.raises(CryopickError, match="no label was found"):  # the count would not help: not suggested
+        fit_calibration(PEAKS, np.zeros(0), 4, 1, True, expected_particles=10)
     with pytest.raises(CryopickError, match="same score"):
         fit_calibration(np.full(5, 0.3), np.full(2, 0.3), 2, 1, True)
     with pytest.raises(CryopickError, match="malformed"):
@@ -345,6 +347,10 @@ def test_train_stores_a_calibration_that_pick_applies(trained, tmp_path, monkeyp
 
     mics, held_out = calibration_micrographs(trained / "ds")  # patch mode's calibration set: the val split
     assert held_out and [m["split"] for m in mics] == ["val"]
+    # dense training crops the val split too: without held-out labels it calibrates on every labeled
+    # micrograph and does not call them held out
+    mics, held_out = calibration_micrographs(trained / "ds", split_held_out=False)
+    assert not held_out and sorted(m["split"] for m in mics) == ["train", "val"]
     best = trained / "exp" / "run" / "checkpoints" / "best.pt"
     cal = Calibration.from_dict(load_checkpoint(best)["calibration"])
     # dense training (the default) calibrates on the labels it held out of every labeled micrograph

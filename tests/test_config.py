@@ -49,3 +49,12 @@ def test_configs_of_older_versions_load_under_the_new_names(tmp_path):
     assert "expected_particles: 300" in dump_yaml(from_dict(PickConfig, {"expected": 300}))  # saved as the new name
     with pytest.raises(CryopickError, match="not both"):
         from_dict(PickConfig, {"expected": 1, "expected_particles": 2})
+
+
+@pytest.mark.parametrize("stride,ok", [(8, True), (16, True), (4, True), (12, False), (64, False)])
+def test_output_stride_accepts_only_the_strides_the_model_builds(stride, ok):
+    if ok:
+        assert resolve(TrainConfig, None, {"model.output_stride": str(stride)}).model.output_stride == stride
+    else:
+        with pytest.raises(CryopickError, match=r"model.output_stride = 12|model.output_stride = 64"):
+            resolve(TrainConfig, None, {"model.output_stride": str(stride)})
