@@ -10,6 +10,7 @@ binned pixel; past an edge it sees the micrograph reflected (no edge repeat), as
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -290,6 +291,19 @@ def load_labeled_micrographs(path: str | Path) -> list[dict]:
     if not isinstance(mics, list):
         raise CryopickError(f"{file}: not a cryopick labeled-micrographs file")
     return mics
+
+
+def dataset_fingerprint(data_dir: str | Path) -> str:
+    """Identifies a dataset's content wherever it lies (its manifest and extract's config, hashed): a copy
+    or a move keeps it, a new extraction with other settings changes it. A single .pt file: its resolved path."""
+    path = Path(data_dir)
+    if not path.is_dir():
+        return str(path.resolve())
+    digest = hashlib.sha256()
+    for name in (MANIFEST, CONFIG_NAME):
+        file = path / name
+        digest.update(file.read_bytes() if file.is_file() else b"")
+    return digest.hexdigest()[:16]
 
 
 def dataset_micrographs(data_dir: str | Path) -> str | None:

@@ -204,7 +204,9 @@ def load_or_fail(load: Loader, plan: Any) -> LoadedMicrograph | LoadFailure:
         return load(plan)
     except InputFileError as exc:
         return LoadFailure(plan, exc.problem)
-    except (CryopickError, ValueError, RuntimeError, OSError, MemoryError) as exc:
+    except CryopickError as exc:  # our own messages are written for the user: no exception class in front
+        return LoadFailure(plan, str(exc))
+    except (ValueError, RuntimeError, OSError, MemoryError) as exc:
         return LoadFailure(plan, f"{type(exc).__name__}: {exc}")
 
 

@@ -364,9 +364,10 @@ def _note_pixel_size(loaded: LoadedMicrograph, record: PreprocessRecord, state: 
         warn(f"{loaded.plan.entry.name}: no pixel size in the STAR or MRC header; assuming the training pixel "
              f"size {record.pixel_size:.4g} Å/px (give --pixel-size to set it)")
     elif abs(loaded.pixel_size - record.pixel_size) > PIXEL_SIZE_TOLERANCE * record.pixel_size:
+        factor = micrograph_factor(record, loaded.pixel_size)
         info(f"micrographs at {loaded.pixel_size:.4g} Å/px (training: {record.pixel_size:.4g} Å/px): rescaling by "
-             f"{micrograph_factor(record, loaded.pixel_size):.4g} to the trained binned pixel size "
-             f"{record.binned_pixel_size:.4g} Å/px", quiet)
+             f"{factor:.4g} to the trained binned pixel size {record.binned_pixel_size:.4g} Å/px"
+             + (" (upsampled: they hold less detail than the model trained on)" if factor < 1 else ""), quiet)
 
 
 def _write_preview(loaded: LoadedMicrograph, picks: Picks, radius_px: float, config: PickConfig,

@@ -98,20 +98,32 @@ def axis_scales(shape: tuple[int, int], factor: float) -> tuple[float, float]:
 
 
 def fourier_crop(image: torch.Tensor, out_shape: tuple[int, int]) -> torch.Tensor:
-    """Downsample a 2-D image by cropping its spectrum (ideal anti-aliasing low-pass)."""
+    """Resample a 2-D image to ``out_shape`` through its spectrum: cropped to bin (ideal anti-aliasing
+    low-pass), zero-padded to upsample (micrographs picked at a coarser pixel size than training's)."""
     ny, nx = image.shape[-2:]
     my, mx = out_shape
     if (my, mx) == (ny, nx):
         return image
-    if my > ny or mx > nx:
-        raise CryopickError(f"cannot Fourier-crop {ny}×{nx} up to {my}×{mx}")
-    spec = torch.fft.rfft2(image)
-    top = (my + 1) // 2
-    bottom = my // 2
-    rows = torch.cat([spec[..., :top, :], spec[..., ny - bottom:, :]], dim=-2) if bottom else spec[..., :top, :]
-    cropped = rows[..., : mx // 2 + 1]
-    out = torch.fft.irfft2(cropped, s=(my, mx))
+    spec = _resize_full_axis(torch.fft.rfft2(image), ny, my)
+    half = mx // 2 + 1
+    if half <= spec.shape[-1]:
+        spec = spec[..., :half]
+    else:
+        spec = torch.cat([spec, spec.new_zeros((*spec.shape[:-1], half - spec.shape[-1]))], dim=-1)
+    out = torch.fft.irfft2(spec, s=(my, mx))
     return out * (my * mx) / (ny * nx)
+
+
+def _resize_full_axis(spec: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The lowest min(n, m) frequencies of the spectrum's row axis (length n), zeros between them up to m."""
+    keep = min(n, m)
+    top, bottom = (keep + 1) // 2, keep // 2
+    parts = [spec[..., :top, :]]
+    if m > keep:
+        parts.append(spec.new_zeros((*spec.shape[:-2], m - keep, spec.shape[-1])))
+    if bottom:
+        parts.append(spec[..., n - bottom:, :])
+    return torch.cat(parts, dim=-2)
 
 
 def robust_normalise(image: torch.Tensor, max_samples: int = 1 << 20, bins: int = 512) -> torch.Tensor:

@@ -23,11 +23,11 @@ import torch
 
 from cryopick.calibrate_model import calibrate_best, held_out_metrics
 from cryopick.checkpoint import load_checkpoint, save_checkpoint
-from cryopick.config import TrainConfig, dump_yaml, to_dict
+from cryopick.config import TrainConfig, dump_yaml, from_dict, to_dict
 from cryopick.config import validate as validate_config
 from cryopick.crops import dense_sampler
 from cryopick.data import PatchDataset, PUBatchSampler, SplitData, batch_composition
-from cryopick.dataset import dataset_micrographs, load_dataset
+from cryopick.dataset import dataset_fingerprint, dataset_micrographs, load_dataset
 from cryopick.device import autocast_factory, resolve_device, to_input
 from cryopick.device import channels_last as to_channels_last
 from cryopick.ema import EMATeacher
@@ -58,6 +58,7 @@ from cryopick.trainplan import (
     epoch_line,
     first_epoch_best_warning,
     forwards_per_step,
+    resume_differences,
     validation_budget,
     validation_subset,
 )
@@ -165,6 +166,7 @@ class Run:
             "teacher": self.teacher.state_dict() if self.teacher else None,
             **rng_state_dict(self.gen),
             "prior": self.prior,
+            "dataset": {"fingerprint": dataset_fingerprint(self.config.data.data_dir)},
         }
 
 
@@ -487,6 +489,23 @@ def _monitored_se(key: str, row: dict) -> float:
     return se if se is not None and math.isfinite(se) else 0.0
 
 
+def _dataset_identity(run: Run) -> dict:
+    """What ``--resume`` checks the dataset by: its preprocessing record and content fingerprint."""
+    return {**run.dataset.record.to_dict(), "fingerprint": dataset_fingerprint(run.config.data.data_dir)}
+
+
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _saved_config(value) -> dict:
+    """A checkpoint's config with older key names and values read as today's (as ``--config`` reads them)."""
+    try:
+        return to_dict(from_dict(TrainConfig, _mapping(value)))
+    except CryopickError:
+        return _mapping(value)
+
+
 def _restore(run: Run) -> TrainState:
     """Model, teacher, optimiser and random streams from last.pt; the loop's state to continue from."""
     path, model = run.last_path, run.model
@@ -494,6 +513,13 @@ def _restore(run: Run) -> TrainState:
     ts = ckpt.get("training_state")
     if not ts:
         raise CryopickError(f"{path}: holds no training state to resume from")
+    saved_data = {**_mapping(ckpt.get("preprocess")), **_mapping(_mapping(ts).get("dataset"))}
+    differences = resume_differences(_saved_config(ckpt.get("config")), to_dict(run.config), saved_data,
+                                     _dataset_identity(run))
+    if differences:
+        shown = "; ".join(differences[:4]) + (f"; … {len(differences) - 4} more" if len(differences) > 4 else "")
+        raise CryopickError(f"--resume: {path} was trained with other settings ({shown}); resume with the "
+                            "same settings (its config.yaml), or start over with --overwrite")
     saved = ckpt.get("model_spec", {})
     if saved != model.spec:
         raise CryopickError(f"--resume: {path} was trained with model {saved}, this run's config gives {model.spec}; "

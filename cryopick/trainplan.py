@@ -230,3 +230,31 @@ def first_epoch_best_warning(best_epoch: int, epochs_run: int, monitor: str) -> 
             "went on. Likely too few or too similar held-out labels to judge by, or overfitting the few labels "
             "(with --mode patches also a class prior far off: --expected-particles N). Try: a lower --lr, more "
             "hand-picked micrographs; compare the pick previews of best.pt and last.pt.")
+
+
+# settings that change how a run executes but not what it computes; every other key must match on --resume.
+# The dataset is compared by content (resume_differences' ``saved_data``), not by its path.
+RESUME_FREE_KEYS = frozenset({"train.device", "train.amp", "train.channels_last", "train.compile", "train.log_every",
+                              "train.output_root", "train.exp_name", "data.data_dir"})
+
+
+def resume_differences(saved: dict, current: dict, saved_data: dict, current_data: dict) -> list[str]:
+    """The settings (``key: saved → now``) in which a resumed run would differ from the run in last.pt:
+    resolved configs (nested dicts) and what identifies the dataset (its preprocessing record and
+    fingerprint; a key the saved run lacks, from an older cryopick, is not compared)."""
+    old, new = _flatten(saved), _flatten(current)
+    diffs = [f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in sorted(set(old) | set(new))
+             if key not in RESUME_FREE_KEYS and old.get(key) != new.get(key)]
+    diffs += [f"dataset {key}: {saved_data[key]!r} → {current_data.get(key)!r}"
+              for key in sorted(saved_data) if saved_data[key] != current_data.get(key)]
+    return diffs
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

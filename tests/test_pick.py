@@ -541,6 +541,19 @@ def test_rescales_micrographs_at_another_pixel_size(tmp_path, monkeypatch, blob_
     assert nearest_distances(found, blobs).max() <= OS * 4 / 2
 
 
+def test_upsamples_micrographs_coarser_than_training(tmp_path, monkeypatch, blob_checkpoint):
+    # 5 Å/px, coarser than the trained 4 Å/px binned pixel: upsampled ×1.25 (was "cannot Fourier-crop")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mics").mkdir()
+    blobs = [(40.0, 36.0), (104.0, 86.0)]
+    write_mrc(tmp_path / "mics/coarse.mrc", blob_image((128, 144), blobs, sigma=12.0 / 5), pixel_size=5.0)
+    summary = pick("mics/coarse.mrc", blob_checkpoint, "out", quiet_config(), quiet=True)
+    assert summary.failed == {} and summary.radius_px == 4.0
+    found = read_coordinate_star(tmp_path / "out/mics/coarse_cryopick.star")
+    assert len(found) == 2
+    assert nearest_distances(found, blobs).max() <= OS * 0.8 / 2  # half a map step, in 5-Å pixels
+
+
 def test_rerun_skips_existing_files_and_overwrite_redoes_them(relion_project, blob_checkpoint):
     pick("micrographs.star", blob_checkpoint, "out", quiet_config(), quiet=True)
     star = relion_project / "out/Movies/mic001_cryopick.star"

@@ -1,5 +1,6 @@
 import contextlib
 import csv
+import json
 import math
 import os
 import signal
@@ -152,6 +153,29 @@ def test_existing_run_needs_resume_or_overwrite(dataset_dir, tmp_path):
     train(cfg, quiet=True)
     with pytest.raises(CryopickError, match="--resume"):
         train(cfg, quiet=True)
+
+
+def test_resume_refuses_other_settings_and_another_dataset(dataset_dir, tmp_path):
+    import shutil
+
+    cfg = _config(dataset_dir, tmp_path, **{"train.epochs": 1, "train.steps_per_epoch": 1})
+    train(cfg, quiet=True)
+    other = _config(dataset_dir, tmp_path, **{"train.epochs": 1, "train.steps_per_epoch": 1, "optim.lr": 0.1,
+                                              "loss.prior": 0.2})
+    with pytest.raises(CryopickError, match=r"last\.pt was trained with other settings \(loss\.prior: None → 0\.2; "
+                                            r"optim\.lr: 0\.003 → 0\.1\)"):
+        train(other, resume=True, quiet=True)
+    other_data = tmp_path / "other"
+    shutil.copytree(dataset_dir, other_data)
+    manifest = json.loads((other_data / "manifest.json").read_text())
+    (other_data / "manifest.json").write_text(json.dumps({**manifest, "n_outside": 99}))  # another extraction
+    with pytest.raises(CryopickError, match=r"other settings \(dataset fingerprint: "):
+        train(_config(other_data, tmp_path, **{"train.epochs": 1, "train.steps_per_epoch": 1}), resume=True,
+              quiet=True)
+    copy = tmp_path / "copy"  # the same dataset moved: resumes; so does another device
+    shutil.copytree(dataset_dir, copy)
+    same = _config(copy, tmp_path, **{"train.epochs": 1, "train.steps_per_epoch": 1, "train.device": "auto"})
+    assert train(same, resume=True, quiet=True).epochs_run == 1
 
 
 @pytest.mark.parametrize("mode", ["all", "none"])
