@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -29,8 +30,6 @@ from cryopick.inference import DenseScorer, LoadedMicrograph, LoadFailure, iter_
 from cryopick.io.micrographs import find_micrographs
 from cryopick.io.mrc import read_header, read_micrograph
 from cryopick.io.outputs import (
-    CONFIG_NAME,
-    ListFiles,
     OutputFormats,
     OutputLedger,
     PlannedMicrograph,
@@ -44,6 +43,7 @@ from cryopick.io.outputs import (
     write_extra_formats,
     write_list_files,
 )
+from cryopick.io.pickmarker import CONFIG_NAME, ListFiles
 from cryopick.io.relion import write_coordinate_star
 from cryopick.nms import (
     HISTOGRAM_BINS,
@@ -184,6 +184,8 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
         warn("micrograph names containing '..' are written without it; RELION 3.1's coords_suffix lookup "
              "will not find those files (RELION 4/5 --coord_list with the coordinates list will)")
     my_names = {e.name for e in shard_items(entries, *shard)}
+    existed = out_root.exists()
+    fresh = shard[1] == 1 and not (existed and any(out_root.iterdir()))  # shards may share an --out: never fresh
     ledger, producer, my_plans, todo, preview_stars = _prepare_outputs(model, config, out_root, plans, lists,
                                                                        shard, my_names)
 
@@ -205,15 +207,27 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
         else:
             _pick_all(todo, scorer, record, config, out_root, state, quiet, stop)
     _finish_scores(state, config)
-    summary.outputs += write_run_files(micrographs, out_root, Path(out_dir), plans, ledger, lists, record, config,
-                                       state.processed_pixel_sizes)
+    failed_all = bool(todo or summary.failed) and not summary.counts and not summary.stopped
+    if failed_all and fresh:
+        _discard_output(out_root, existed)  # nothing that looks like a finished job is left behind
+    else:
+        summary.outputs += write_run_files(micrographs, out_root, Path(out_dir), plans, ledger, lists, record,
+                                           config, state.processed_pixel_sizes)
     summary.seconds = time.perf_counter() - started
     if not quiet:
         print_summary(summary)
-    if (todo or summary.failed) and not summary.counts and not summary.stopped:
+    if failed_all:
         raise CryopickError(f"every micrograph failed ({len(summary.failed)}); first: "
                             + "; ".join(f"{n}: {r}" for n, r in list(summary.failed.items())[:3]))
     return summary
+
+
+def _discard_output(out_root: Path, existed: bool) -> None:
+    """Empty an --out this run found empty (or created), and remove it if it created it."""
+    for child in out_root.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    if not existed:
+        out_root.rmdir()
 
 
 def _prepare_outputs(model: str | Path, config: PickConfig, out_root: Path, plans: list[PlannedMicrograph],

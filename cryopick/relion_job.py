@@ -381,7 +381,8 @@ def relion_version(project_dir: Path, setting: str = "auto") -> int:
 
 def write_relion_outputs(inputs: RelionJobInputs, version_setting: str = "auto") -> list[Path]:
     """``autopick.star`` for every micrograph whose coordinate file exists, and ``RELION_OUTPUT_NODES.star``."""
-    from cryopick.io.outputs import ListFiles, coordinate_file_name
+    from cryopick.io.outputs import coordinate_file_name
+    from cryopick.io.pickmarker import ListFiles
 
     job_dir = _job_dir(inputs)
     rows = []

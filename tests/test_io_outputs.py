@@ -10,7 +10,6 @@ import pytest
 from cryopick.errors import CryopickError
 from cryopick.io.micrographs import MicrographEntry
 from cryopick.io.outputs import (
-    ListFiles,
     OutputFormats,
     OutputLedger,
     dotdot_names,
@@ -19,6 +18,7 @@ from cryopick.io.outputs import (
     write_extra_formats,
     write_list_files,
 )
+from cryopick.io.pickmarker import ListFiles
 from cryopick.io.relion import write_coordinate_star
 
 

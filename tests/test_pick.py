@@ -635,6 +635,14 @@ def test_unreadable_micrographs_are_skipped_and_all_failed_is_an_error(tmp_path,
     (tmp_path / "mics/good.mrc").unlink()
     with pytest.raises(CryopickError, match="every micrograph failed"):
         pick("mics", blob_checkpoint, "out2", quiet_config(), quiet=True)
+    assert not (tmp_path / "out2").exists()  # no empty lists that look like a finished job
+    (tmp_path / "out3").mkdir()
+    with pytest.raises(CryopickError, match="every micrograph failed"):
+        pick("mics", blob_checkpoint, "out3", quiet_config(), quiet=True)
+    assert list((tmp_path / "out3").iterdir()) == []  # an empty --out given is left, empty
+    with pytest.raises(CryopickError, match="every micrograph failed"):  # the earlier --out keeps its picks
+        pick("mics", blob_checkpoint, "out", quiet_config(), quiet=True)
+    assert (tmp_path / "out/mics/good_cryopick.star").is_file()
 
 
 def test_a_micrograph_missing_from_the_star_is_skipped_and_listed(tmp_path, monkeypatch, blob_checkpoint):
@@ -670,6 +678,25 @@ def test_extra_outputs_box_topaz_particles_and_preview(relion_project, blob_chec
     # 5 candidates well above 0.5 plus weaker noise peaks: the 3rd best of all candidates is a blob
     assert summary.expected_threshold is not None and summary.expected_threshold > 0.5
     assert sum(summary.histogram) >= 5 and sum(summary.histogram[5:]) == 5
+
+
+def test_a_pick_directory_reads_as_its_per_micrograph_stars_wherever_it_lies(relion_project, blob_checkpoint):
+    # evaluate picks/ (and extract --coords picks/) found the same picks in the particles STAR, the .cs, the
+    # .box copies and the lists too: "both ... hold coordinates for micrograph ..."
+    import shutil
+
+    from cryopick.evaluate import evaluate
+    from cryopick.io.coords import find_coordinate_files
+
+    config = quiet_config(write_box=True, write_topaz=True, write_particles=True, write_cryosparc=True)
+    pick("micrographs.star", blob_checkpoint, "out", config, quiet=True)
+    stars = [f"Movies/mic00{i}_cryopick.star" for i in (1, 2, 3)]
+    assert [p.relative_to("out").as_posix() for p in find_coordinate_files("out")] == stars
+    shutil.copytree(relion_project / "out", relion_project / "moved")
+    assert [p.relative_to("moved").as_posix() for p in find_coordinate_files("moved")] == stars
+    report = evaluate("moved", "out", radius=5.0)  # the picks against themselves
+    o = report.overall
+    assert o["n_picks"] == o["n_truth"] == o["n_matched"] == 5 and o["f1"] == 1.0 and len(report.per_micrograph) == 3
 
 
 @pytest.mark.parametrize("estimated_f1, method, threshold, mic002_picks",

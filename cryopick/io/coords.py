@@ -17,6 +17,7 @@ import pandas as pd
 from cryopick.errors import CryopickError, InputFileError
 from cryopick.io.cryosparc import is_cs_file, read_cs_locations
 from cryopick.io.micrographs import candidate_bases, describe_bases, read_star_blocks, resolve_data_path
+from cryopick.io.pickmarker import marked_coordinate_files
 
 COORDINATE_SUFFIXES = (".star", ".box", ".cbox", ".txt", ".tsv", ".cs")
 # RELION job bookkeeping that sits beside coordinate files in a job directory and holds no coordinates.
@@ -55,11 +56,18 @@ def empty_coords() -> pd.DataFrame:
 
 
 def find_coordinate_files(spec: str | Path) -> list[Path]:
-    """Coordinate files named by ``spec``: one file, a glob, or every *.star/.box/.cbox/.txt/.tsv under a directory."""
+    """Coordinate files named by ``spec``: one file, a glob, or every *.star/.box/.cbox/.txt/.tsv under a directory;
+    of a ``cryopick pick`` output directory only its per-micrograph STARs (not the lists, particles or copies
+    in other formats that hold the same picks)."""
     text = str(spec)
     path = Path(spec)
     if path.is_file():
         return [path]
+    marked = marked_coordinate_files(path) if path.is_dir() else None
+    if marked is not None:
+        if not marked:
+            raise CryopickError(f"no coordinate files found in {text}: a cryopick pick directory without picks")
+        return marked
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in COORDINATE_SUFFIXES and _is_candidate(p))
         where = f"directory {text} (looked for {', '.join('*' + s for s in COORDINATE_SUFFIXES)}, recursively)"

@@ -9,7 +9,6 @@ Layout (RELION 3.1/4/5): ``<post of rlnMicrographName without extension>_<suffix
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -24,6 +23,7 @@ from cryopick.io.coords import read_coordinate_file
 from cryopick.io.cryosparc import write_cs
 from cryopick.io.micrographs import MicrographEntry
 from cryopick.io.mrc import read_header
+from cryopick.io.pickmarker import MARKER_GLOB, MARKER_NAME, ListFiles, read_marker
 from cryopick.io.relion import (
     relion_post,
     star_loop,
@@ -34,9 +34,6 @@ from cryopick.io.relion import (
 )
 from cryopick.nms import Picks
 
-MARKER_NAME = ".cryopick_pick.json"
-MARKER_GLOB = ".cryopick_pick*.json"
-CONFIG_NAME = "pick_config.yaml"
 PREVIEW_DIR = "preview"
 STAGING_PREFIX = ".cryopick_pick.staging"
 
@@ -69,41 +66,6 @@ class PlannedMicrograph:
     @property
     def box(self) -> str:
         return self.star[: -len(".star")] + ".box"
-
-
-@dataclass(frozen=True)
-class ListFiles:
-    """Names of the run-level files in the output directory."""
-
-    suffix: str
-
-    @property
-    def coords_suffix(self) -> str:
-        return f"coords_suffix_{self.suffix}.star"
-
-    @property
-    def coordinate_list(self) -> str:
-        return f"coordinates_{self.suffix}.star"
-
-    @property
-    def micrographs(self) -> str:
-        return f"micrographs_{self.suffix}.star"
-
-    @property
-    def topaz(self) -> str:
-        return f"topaz_{self.suffix}.txt"
-
-    @property
-    def particles(self) -> str:
-        return f"particles_{self.suffix}.star"
-
-    @property
-    def cryosparc(self) -> str:
-        return f"particles_{self.suffix}.cs"
-
-    def all(self) -> list[str]:
-        return [self.coords_suffix, self.coordinate_list, self.micrographs, self.topaz, self.particles,
-                self.cryosparc, CONFIG_NAME]
 
 
 def plan_outputs(entries: list[MicrographEntry], suffix: str, reserved: Iterable[str]
@@ -150,7 +112,7 @@ class OutputLedger:
         self.produced_by: dict[str, dict | None] = {}  # marker name → what made its picks (None: unknown)
         self.my_producer: dict | None = None
         for marker in sorted(out_dir.glob(MARKER_GLOB)):
-            files, producer = _read_marker(marker)
+            files, producer = read_marker(marker)
             self.owned |= files
             self.produced_by[marker.name] = producer
             if marker.name == name:
@@ -208,20 +170,6 @@ def promote_staged(stage: Path, out_root: Path, stale: Iterable[str]) -> None:
         os.replace(path, target)
     for relative in stale:
         (out_root / relative).unlink(missing_ok=True)
-
-
-def _read_marker(path: Path) -> tuple[set[str], dict | None]:
-    try:
-        data = json.loads(path.read_text())
-        files = data["files"]
-        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-            raise TypeError("files is not a list of names")
-        producer = data.get("produced_by")
-        if producer is not None and not isinstance(producer, dict):
-            raise TypeError("produced_by is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CryopickError(f"{path}: damaged cryopick pick marker ({exc}); remove it to continue") from None
-    return set(files), producer
 
 
 def producer_record(model: str | Path, settings: dict) -> dict:
