@@ -120,6 +120,8 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Calibration":
+        if not isinstance(data, dict):
+            raise CryopickError(f"checkpoint calibration is malformed (a {type(data).__name__}, not a mapping)")
         try:
             tables = {k: tuple(float(v) for v in data.get(k, ())) for k in ("knots", "values", "quantiles")}
             cal = cls(**{**data, **tables})

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cryopick.calibrate import Calibration, default_cut, default_threshold, fit_calibration
-from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
+from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, naming, preprocess_from_checkpoint
 from cryopick.dataset import load_labeled_micrographs
 from cryopick.errors import CryopickError
 from cryopick.fsutil import save_torch_atomic
@@ -79,7 +79,8 @@ def calibrate_checkpoint(checkpoint: str | Path, data_dir: str | Path, expected_
     or else on ``data_dir``'s labeled micrographs (``split_held_out``: whether training left extract's val
     split out, as patch training does; dense training crops every labeled micrograph)."""
     ckpt = load_checkpoint(checkpoint)
-    record = preprocess_from_checkpoint(ckpt)
+    with naming(checkpoint):
+        record = preprocess_from_checkpoint(ckpt)
     if held_out_labels:
         mics, held_out = held_out_labels, True
     else:
@@ -87,7 +88,8 @@ def calibrate_checkpoint(checkpoint: str | Path, data_dir: str | Path, expected_
     if not mics:
         raise CryopickError(f"{data_dir}: no labeled micrographs kept by extract (a dataset of format ≥ 2 "
                             "is needed): cannot calibrate")
-    model = model_from_checkpoint(ckpt)
+    with naming(checkpoint):
+        model = model_from_checkpoint(ckpt)
     radius = record.diameter_A / 2 / record.pixel_size
     peaks, matched, n_labels = peak_scores(model, mics, record.patch_size // 2, radius, torch.device(device))
     n_known = sum(len(m["exclude"]) for m in mics if m.get("exclude") is not None)
@@ -101,7 +103,8 @@ def calibrate_checkpoint(checkpoint: str | Path, data_dir: str | Path, expected_
 def checkpoint_default_threshold(checkpoint: str | Path) -> float:
     """The cut ``pick`` makes with ``checkpoint`` when given no --threshold (``default_threshold``)."""
     data = load_checkpoint(checkpoint).get("calibration")
-    return default_threshold(Calibration.from_dict(data) if data else None)
+    with naming(checkpoint):
+        return default_threshold(Calibration.from_dict(data) if data else None)
 
 
 def held_out_metrics(model, held_out: list[dict], record, device: torch.device, prior: float) -> dict:

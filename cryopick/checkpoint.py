@@ -6,14 +6,15 @@ the resolved training config, the dataset's preprocessing record, the code versi
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from cryopick import __version__
 from cryopick.errors import CryopickError
-from cryopick.fsutil import save_torch_atomic
+from cryopick.fsutil import load_torch_weights, save_torch_atomic
 from cryopick.model import PatchClassifier, build_model
 from cryopick.preprocessing import PreprocessRecord
 
@@ -44,13 +45,12 @@ def save_checkpoint(path: str | Path, *, model_spec: dict, model_state: dict, em
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate a checkpoint; a clear error for missing, corrupt or foreign files."""
     path = Path(path)
+    if path.is_dir():
+        raise CryopickError(f"{path}: is a directory; give the checkpoint file (e.g. {path / 'checkpoints' / 'best.pt'})"
+                            if (path / "checkpoints").is_dir() else f"{path}: is a directory, not a checkpoint file")
     if not path.is_file():
         raise CryopickError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CryopickError(f"{path}: not a readable cryopick checkpoint ({first})") from None
+    ckpt = load_torch_weights(path, "cryopick checkpoint", map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "cryopick-checkpoint":
         raise CryopickError(f"{path}: not a cryopick checkpoint")
     missing = [k for k in ("model_spec", "model_state", "preprocess") if not ckpt.get(k)]
@@ -83,11 +83,24 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> PatchClassifier:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:200]
         raise CryopickError(f"checkpoint weights do not match its model spec {spec} ({detail})") from None
+    broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise CryopickError(f"checkpoint weights hold NaN or infinite values ({broken[0]}"
+                            + (f" and {len(broken) - 1} more" if len(broken) > 1 else "")
+                            + "): training diverged; train again (e.g. with a lower --lr)")
     return model.eval()
 
 
 def preprocess_from_checkpoint(ckpt: dict) -> PreprocessRecord:
+    return PreprocessRecord.from_dict(ckpt.get("preprocess"), remedy="use a checkpoint written by cryopick train")
+
+
+@contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """Errors raised while using the checkpoint at ``path`` (its model, record, calibration) name the file."""
     try:
-        return PreprocessRecord.from_dict(ckpt.get("preprocess"))
+        yield
     except CryopickError as exc:
-        raise CryopickError(f"checkpoint: {exc}") from None
+        if str(exc).startswith(str(path)):
+            raise
+        raise CryopickError(f"{path}: {exc}") from None

@@ -387,9 +387,11 @@ def _match_radius(radius_px, diameter, pixel_size, model) -> float:
     if radius_px is not None:
         return radius_px
     if model is not None:
-        from cryopick.checkpoint import load_checkpoint, preprocess_from_checkpoint
+        from cryopick.checkpoint import load_checkpoint, naming, preprocess_from_checkpoint
 
-        record = preprocess_from_checkpoint(load_checkpoint(model))
+        ckpt = load_checkpoint(model)
+        with naming(model):
+            record = preprocess_from_checkpoint(ckpt)
         return record.diameter_A / 2 / (pixel_size or record.pixel_size)
     if diameter is not None and pixel_size is not None:
         return diameter / 2 / pixel_size

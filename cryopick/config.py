@@ -190,8 +190,9 @@ def resolve(cls: type, yaml_path: str | Path | None = None, overrides: dict[str,
     data = dict(base or {})
     if yaml_path:
         data = deep_merge(data, load_yaml(yaml_path))
-    data = apply_overrides(data, overrides or {})
-    config = from_dict(cls, data, str(yaml_path) if yaml_path else "config")
+    where = str(yaml_path) if yaml_path else "config"
+    data = apply_overrides(data, overrides or {}, where)
+    config = from_dict(cls, data, where)
     validate(config)
     return config
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from cryopick import __version__
 from cryopick.data import PatchDataset, SplitData
 from cryopick.errors import CryopickError
-from cryopick.fsutil import save_torch_atomic, write_json_atomic
+from cryopick.fsutil import load_torch_weights, save_torch_atomic, write_json_atomic
 from cryopick.preprocessing import PreprocessRecord
 
 DATASET_FORMAT = 2  # 2: adds labeled_micrographs.pt (binned labeled micrographs, for pick calibration)
@@ -195,10 +195,7 @@ class DatasetWriter:
 
 
 def _load(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CryopickError(f"{path}: not a readable cryopick patch file ({str(exc).splitlines()[0]})") from None
+    return load_torch_weights(path, "cryopick patch file")
 
 
 def _check_chunk(path: Path, chunk: dict) -> None:
@@ -260,15 +257,21 @@ def load_dataset(path: str | Path) -> PatchDataset:
                             f"(expected {DATASET_FORMAT}){why}; re-run extract with --overwrite")
     try:
         return _load_from_manifest(path, manifest)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise CryopickError(f"{manifest_path}: damaged manifest (missing or bad entry {exc}); re-run extract "
-                            "with --overwrite") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        what = f"missing entry {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise CryopickError(f"{manifest_path}: damaged manifest ({what}); re-run extract with --overwrite") from None
+    except CryopickError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise CryopickError(f"{manifest_path}: {exc}") from None
 
 
 def _load_from_manifest(path: Path, manifest: dict) -> PatchDataset:
     record = PreprocessRecord.from_dict(manifest["preprocess"])
     by_split: dict[str, list[dict]] = {"train": [], "val": []}
     for entry in manifest["chunks"]:
+        if Path(entry["file"]).name != entry["file"] or entry["file"] in ("", ".", ".."):
+            raise CryopickError(f"{path / MANIFEST}: chunk {entry['file']!r} is not a file name in the dataset")
         chunk_path = path / entry["file"]
         if not chunk_path.is_file():
             raise CryopickError(f"{chunk_path}: chunk listed in the manifest is missing")

@@ -55,6 +55,32 @@ def save_torch_atomic(path: str | Path, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+def load_torch_weights(path: str | Path, what: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code. A file that is
+    not that is a CryopickError ``<path>: not a readable <what> (<why>)``."""
+    import pickle
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's notes on pickle protocols mean nothing to users
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt, foreign or unsafe files
+        raise CryopickError(f"{path}: not a readable {what} ({_load_failure(exc, pickle.UnpicklingError)})") from None
+
+
+def _load_failure(exc: Exception, unpickling_error: type) -> str:
+    text = str(exc).strip()
+    if "Weights only load failed" in text:
+        return "it holds Python objects, not only tensors; cryopick loads weights only, never code"
+    if isinstance(exc, (KeyError, unpickling_error)) or "invalid load key" in text:
+        return "not a PyTorch file"
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first[:200]
+
+
 def safe_join(root: str | Path, relative: str | Path) -> Path:
     """Join ``relative`` under ``root`` and refuse results outside ``root`` (``..``, absolute paths)."""
     root = Path(root).resolve()

@@ -20,7 +20,7 @@ import torch
 from rich.table import Table
 
 from cryopick.calibrate import Calibration, default_cut
-from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
+from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, naming, preprocess_from_checkpoint
 from cryopick.config import DEFAULT_THRESHOLD, PickConfig, dump_yaml, validate
 from cryopick.dataset import fits_edge_padding
 from cryopick.device import resolve_device
@@ -169,10 +169,11 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
     started = time.perf_counter()
     validate(config)
     ckpt = load_checkpoint(model)
-    calibration = _calibration(ckpt, quiet)
+    with naming(model):
+        calibration = _calibration(ckpt, Path(model), quiet)
+        record = preprocess_from_checkpoint(ckpt)
+        network = model_from_checkpoint(ckpt)
     config = _with_threshold(config, calibration, quiet)
-    record = preprocess_from_checkpoint(ckpt)
-    network = model_from_checkpoint(ckpt)
     device = resolve_device(config.device)
     shard = parse_shard(config.shard)
     out_root = check_output_dir(out_dir, "--out")
@@ -286,9 +287,14 @@ def _pick_aside(todo: list[PlannedMicrograph], scorer: DenseScorer, record: Prep
         discard_dir(stage)
 
 
-def _calibration(ckpt: dict, quiet: bool) -> Calibration | None:
+def _calibration(ckpt: dict, model: Path, quiet: bool) -> Calibration | None:
     """The checkpoint's calibration (scores become P(particle | peak)); a warning when it has none."""
     data = ckpt.get("calibration")
+    best = model.with_name("best.pt")
+    if not data and model.name == "last.pt" and best.is_file():
+        warn(f"{model} is the latest training state, never calibrated; pick with {best} (the model train "
+             "validated and calibrated) unless you mean to: scores are the network's raw probabilities")
+        return None
     if not data:
         warn("this model has no pick calibration (trained by an older cryopick, or calibration failed): scores "
              "are the network's raw probabilities and the default threshold may over- or under-pick; --expected-particles N prints the "

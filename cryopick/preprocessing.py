@@ -42,20 +42,21 @@ class PreprocessRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PreprocessRecord":
+    def from_dict(cls, data: dict, remedy: str = "re-run extract") -> "PreprocessRecord":
+        """The record stored in a dataset or checkpoint; ``remedy`` ends the message when it is unusable."""
         if not isinstance(data, dict):
-            raise CryopickError(f"preprocessing record must be a mapping, got {type(data).__name__}")
+            raise CryopickError(f"preprocessing record must be a mapping, got {type(data).__name__}; {remedy}")
         missing = [k for k in ("pixel_size", "bin_factor", "diameter_A") if k not in data]
         if missing:
-            raise CryopickError(f"preprocessing record lacks {', '.join(missing)}; re-run extract")
+            raise CryopickError(f"preprocessing record lacks {', '.join(missing)}; {remedy}")
         if not all(isinstance(data[k], (int, float)) and math.isfinite(data[k]) and data[k] > 0 for k in
                    ("pixel_size", "bin_factor", "diameter_A")):
             raise CryopickError("preprocessing record holds a pixel size, bin factor or diameter that is not a "
-                                "positive number; re-run extract")
-        if int(data.get("version", -1)) != PREPROCESS_VERSION:
+                                f"positive number; {remedy}")
+        if data.get("version", -1) != PREPROCESS_VERSION:
             raise CryopickError(
                 f"preprocessing record version {data.get('version')} is not supported "
-                f"(this cryopick writes version {PREPROCESS_VERSION}); re-run extract"
+                f"(this cryopick writes version {PREPROCESS_VERSION}); {remedy}"
             )
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})

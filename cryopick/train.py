@@ -511,7 +511,7 @@ def _restore(run: Run) -> TrainState:
     path, model = run.last_path, run.model
     ckpt = load_checkpoint(path, map_location=run.device)
     ts = ckpt.get("training_state")
-    if not ts:
+    if not ts or not isinstance(ts, dict):
         raise CryopickError(f"{path}: holds no training state to resume from")
     saved_data = {**_mapping(ckpt.get("preprocess")), **_mapping(_mapping(ts).get("dataset"))}
     differences = resume_differences(_saved_config(ckpt.get("config")), to_dict(run.config), saved_data,
@@ -533,8 +533,12 @@ def _restore(run: Run) -> TrainState:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CryopickError(f"--resume: {path} does not match this run's model or optimizer ({first}); "
                             "resume with the same settings, or start over with --overwrite") from None
-    load_rng_state_dict(run.gen, ts)
-    return TrainState.from_saved(ts["loop"], ts["history"])
+    try:
+        load_rng_state_dict(run.gen, ts)
+        return TrainState.from_saved(ts["loop"], ts["history"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CryopickError(f"--resume: the training state in {path} is damaged ({type(exc).__name__}: {exc}); "
+                            "start over with --overwrite") from None
 
 
 # ---------------------------------------------------------------------------------------------

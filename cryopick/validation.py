@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryopick.checkpoint import load_checkpoint, model_from_checkpoint
+from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, naming
 from cryopick.data import SplitData
 from cryopick.dataset import load_dataset
 from cryopick.device import autocast_factory, resolve_device, to_input
@@ -63,6 +63,17 @@ def validate(model, split: SplitData, prior: float, radius_original_px: float, d
     return out
 
 
+def _prior_and_shift(ckpt: dict, prior: float | None) -> tuple[float, float]:
+    """The class prior the run trained with (``prior`` overrides it) and its positive radius (data.max_shift)."""
+    try:
+        cfg = ckpt["config"]
+        pi = prior if prior is not None else (ckpt.get("training_state") or {}).get("prior")
+        pi = float(pi if pi is not None else (cfg["loss"].get("prior") or 0.0))
+        return pi, float(cfg["data"]["max_shift"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CryopickError(f"its training config is incomplete ({type(exc).__name__}: {exc})") from None
+
+
 def evaluate_patches(checkpoint: str | Path, data_dir: str | Path, split: str = "val", threshold: float = 0.5,
                      device: str = "auto", prior: float | None = None) -> dict:
     """Patch-level metrics of a checkpoint's EMA teacher on an extracted dataset (AUC, precision, recall, F1).
@@ -81,11 +92,10 @@ def evaluate_patches(checkpoint: str | Path, data_dir: str | Path, split: str = 
     data = SplitData(torch.cat([p.positive for p in parts]), torch.cat([p.unlabeled for p in parts]),
                      torch.cat([p.unlabeled_truth_distance for p in parts]))
     dev = resolve_device(device)
-    model = model_from_checkpoint(ckpt).to(dev)
-    cfg = ckpt["config"]
-    pi = prior if prior is not None else (ckpt.get("training_state") or {}).get("prior")
-    pi = float(pi if pi is not None else (cfg["loss"].get("prior") or 0.0))
-    radius = positive_radius_px(cfg["data"]["max_shift"], dataset.record) * dataset.record.bin_factor
+    with naming(checkpoint):
+        model = model_from_checkpoint(ckpt).to(dev)
+        pi, max_shift = _prior_and_shift(ckpt, prior)
+    radius = positive_radius_px(max_shift, dataset.record) * dataset.record.bin_factor
     metrics = validate(model, data, pi, radius, dev, autocast_factory(dev.type == "cuda"),
                        channels_last=False, threshold=threshold)
     metrics.update({"n_positive": len(data.positive), "n_unlabeled": len(data.unlabeled), "prior": pi,

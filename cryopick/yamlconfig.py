@@ -80,6 +80,8 @@ def _convert(value: Any, ftype: Any, origin: Any, where: str) -> Any:
                 return False
             raise ValueError(value)
         return bool(value)
+    if ftype in (int, float) and isinstance(value, bool):
+        raise ValueError(value)  # YAML's true/false are not 1/0 here: "epochs: true" is a mistake
     if ftype is int:
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
@@ -102,17 +104,21 @@ def load_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise CryopickError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise CryopickError(f"{path}: is a directory, not a config file") from None
+    except UnicodeDecodeError:
+        raise CryopickError(f"{path}: not a text file (a YAML config is expected)") from None
     except yaml.YAMLError as exc:
         raise CryopickError(f"{path}: not valid YAML ({exc})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise CryopickError(f"{path}: a config file must be a mapping of sections")
+        raise CryopickError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
     return data
 
 
-def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
-    """Set dotted keys (``loss.prior``) in nested ``data``; ``None`` values are ignored."""
+def apply_overrides(data: dict, overrides: dict[str, Any], where: str = "config") -> dict:
+    """Set dotted keys (``loss.prior``) in nested ``data`` (read from ``where``); ``None`` values are ignored."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for dotted, value in overrides.items():
         if value is None:
@@ -122,7 +128,7 @@ def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
         for key in parents:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise CryopickError(f"override {dotted}: '{key}' is not a section")
+                raise CryopickError(f"{where}: '{key}' must be a mapping, got {node!r}")
         node[leaf] = value
     return out
 

@@ -32,12 +32,25 @@ def test_resolved_config_round_trips_through_yaml():
 
 
 @pytest.mark.parametrize("text,match", [("loss:\n  priorr: 0.1\n", "unknown key"), ("loss: 3\n", "mapping"),
-                                        ("train:\n  epochs: many\n", "not a valid int"), ("- a\n", "mapping")])
+                                        ("train:\n  epochs: many\n", "not a valid int"), ("- a\n", "mapping"),
+                                        ("train:\n  epochs: true\n", "True is not a valid int"),
+                                        ("optim:\n  lr: false\n", "False is not a valid float")])
 def test_bad_config_files_name_the_problem(tmp_path, text, match):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(CryopickError, match=match):
         resolve(TrainConfig, path)
+
+
+def test_config_files_that_are_not_text_or_whose_sections_are_values_name_the_file(tmp_path):
+    binary = tmp_path / "best.pt"  # --config given a checkpoint by mistake
+    binary.write_bytes(b"PK\x03\x04\xff\xfe\x00binary")
+    with pytest.raises(CryopickError, match=r"best\.pt: not a text file"):
+        resolve(TrainConfig, binary)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("train: 5\n")
+    with pytest.raises(CryopickError, match=r"scalar\.yaml: 'train' must be a mapping, got 5"):
+        resolve(TrainConfig, scalar, {"train.exp_name": "run"})
 
 
 def test_configs_of_older_versions_load_under_the_new_names(tmp_path):

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from cryopick.checkpoint import load_checkpoint
 from cryopick.cli import app
 from cryopick.config import DEFAULT_THRESHOLD, ExtractConfig, PickConfig, TrainConfig, resolve
+from cryopick.dataset import load_dataset
 from cryopick.errors import CryopickError
 from cryopick.extract import extract
 from cryopick.io.mrc import write_mrc
@@ -198,6 +199,39 @@ def test_bad_files_are_clear_errors(chain, tmp_path):
                                      "-o", str(tmp_path / "picks"), "-q"])
         text = _plain(result.output)
         assert result.exit_code == 1 and needle in text and len(text.strip().splitlines()) <= 3, text
+
+
+def test_damaged_checkpoints_and_manifests_name_the_file(chain, tmp_path):
+    """Each was an "internal error" or a message without the file (a read-only audit of train and pick)."""
+    best = load_checkpoint(chain / "exp/run/checkpoints/best.pt")
+    torch.save(dict(best, calibration="broken"), tmp_path / "cal.pt")
+    torch.save(dict(best, model_spec=dict(best["model_spec"], backbone="resnet999")), tmp_path / "net.pt")
+    nan_state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in best["ema_state"].items()}
+    torch.save(dict(best, ema_state=nan_state), tmp_path / "nan.pt")  # picked nothing and exited 0
+    (tmp_path / "text.pt").write_text("hello\n")
+    for name, needle in (("cal.pt", "calibration is malformed"), ("net.pt", "resnet999"),
+                         ("text.pt", "not a PyTorch file"), ("nan.pt", "NaN or infinite values")):
+        with pytest.raises(CryopickError, match=needle) as caught:
+            pick(str(chain / "sim/micrographs"), tmp_path / name, tmp_path / "picks", PickConfig(device="cpu"),
+                 quiet=True)
+        assert str(caught.value).startswith(str(tmp_path / name)), caught.value
+    with pytest.raises(CryopickError, match="is a directory; give the checkpoint file"):
+        pick(str(chain / "sim/micrographs"), chain / "exp/run", tmp_path / "picks", PickConfig(device="cpu"),
+             quiet=True)
+
+    manifest = json.loads((chain / "ds/manifest.json").read_text())
+    for name, damage, needle in (("mics", {"micrographs": "abc"}, "damaged manifest"),
+                                 ("escape", {"chunks": [dict(manifest["chunks"][0], file="../x.pt")]},
+                                  "'../x.pt' is not a file name in the dataset"),
+                                 ("record", {"preprocess": "abc"}, "preprocessing record must be a mapping")):
+        ds = tmp_path / name
+        ds.mkdir()
+        for chunk in manifest["chunks"]:
+            (ds / chunk["file"]).write_bytes((chain / "ds" / chunk["file"]).read_bytes())
+        (ds / "manifest.json").write_text(json.dumps({**manifest, **damage}))
+        with pytest.raises(CryopickError, match=needle) as caught:
+            load_dataset(ds)
+        assert str(caught.value).startswith(str(ds / "manifest.json")), caught.value
 
 
 # ---------------------------------------------------------------------------------------------

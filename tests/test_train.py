@@ -176,6 +176,11 @@ def test_resume_refuses_other_settings_and_another_dataset(dataset_dir, tmp_path
     shutil.copytree(dataset_dir, copy)
     same = _config(copy, tmp_path, **{"train.epochs": 1, "train.steps_per_epoch": 1, "train.device": "auto"})
     assert train(same, resume=True, quiet=True).epochs_run == 1
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    torch.save({**ckpt, "training_state": {**ckpt["training_state"], "loop": "abc"}}, last)
+    with pytest.raises(CryopickError, match=r"the training state in .*last\.pt is damaged"):
+        train(same, resume=True, quiet=True)
 
 
 @pytest.mark.parametrize("mode", ["all", "none"])
