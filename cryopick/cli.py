@@ -352,6 +352,10 @@ def evaluate(
     for path, option in ((json_out, "--json"), (csv_out, "--csv"), (plot, "--plot")):
         if path is not None:
             check_output_file(path, option)
+    if plot is not None:
+        from cryopick.evaluate import require_matplotlib
+
+        require_matplotlib()  # before the work, not after it
 
     if data_dir is not None:
         if model is None:

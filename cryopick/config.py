@@ -317,8 +317,8 @@ RULES: dict[type, dict[str, Rule]] = {
     },
     PickConfig: {
         "threshold": _r("--threshold", 0, 1, optional=True),
-        "radius": _r("--radius", 0, 1e5, optional=True),
-        "radius_px": _r("--radius-px", 0, 1e6, optional=True),
+        "radius": _r("--radius", 0, 1e5, low_open=True, optional=True),
+        "radius_px": _r("--radius-px", 0, 1e6, low_open=True, optional=True),
         "suffix": _r("--suffix", pattern=r"[A-Za-z0-9._-]+", describe="letters, digits, '.', '_' and '-'"),
         "edge": _r("--edge", 0, 1e6),
         "max_picks": _r("--max-picks", 1, 1e9, integer=True, optional=True),

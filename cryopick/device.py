@@ -24,9 +24,13 @@ def resolve_device(name: str, environ=os.environ) -> torch.device:
         warn(f"device {name} was asked for but CUDA is not available; running on the CPU (slow)")
         return torch.device("cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise CryopickError(f"unknown device '{name}' (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CryopickError(f"device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                            f"cuda:{torch.cuda.device_count() - 1} (CUDA_VISIBLE_DEVICES renumbers them)")
+    return device
 
 
 def autocast_factory(bf16: bool) -> Callable[[], ContextManager]:

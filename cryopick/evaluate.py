@@ -299,13 +299,19 @@ def write_report_csv(report: EvaluationReport, path: str | Path) -> None:
         report.to_dataframe().to_csv(tmp, index=False)
 
 
-def plot_pr_curve(report: EvaluationReport, path: str | Path) -> None:
-    """Pooled precision-recall curve with the best-F1 point (and the threshold's point if one was given)."""
+def require_matplotlib() -> None:
+    """Checked before any work when a plot is asked for."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        import matplotlib  # noqa: F401
     except ImportError:
         raise CryopickError("plotting needs matplotlib: pip install 'cryopick[plot]'") from None
+
+
+def plot_pr_curve(report: EvaluationReport, path: str | Path) -> None:
+    """Pooled precision-recall curve with the best-F1 point (and the threshold's point if one was given)."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     path = Path(path)
     precision, recall, thresholds = report.curve
     overall = report.overall

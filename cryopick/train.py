@@ -317,7 +317,23 @@ def _check_complete(result: TrainResult) -> TrainResult:
 
 
 def _train_in(config: TrainConfig, exp_dir: Path, resume: bool, quiet: bool) -> TrainResult:
-    """The training run, writing the experiment into ``exp_dir``."""
+    """The training run, writing the experiment into ``exp_dir``; running out of memory is a user error."""
+    try:
+        return _train_run(config, exp_dir, resume, quiet)
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise CryopickError(f"out of memory with --batch-size {config.data.batch_size} ({config.model.backbone} on "
+                            f"{config.train.device}): lower --batch-size, or train a smaller --backbone") from None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's CUDA and CPU allocation failures (RuntimeError subclasses or texts) and Python's MemoryError."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _train_run(config: TrainConfig, exp_dir: Path, resume: bool, quiet: bool) -> TrainResult:
     run = build_run(config, exp_dir, quiet)
     state = TrainState()
     if resume:

@@ -321,3 +321,16 @@ def test_dev_set_truth_against_itself_is_perfect():
     o = report.overall
     assert (o["n_truth"], o["n_matched"], o["n_micrographs"]) == (n_truth, n_truth, 4)
     assert (o["precision"], o["recall"], o["ap"]) == (1.0, 1.0, 1.0)
+
+
+def test_plot_without_matplotlib_stops_before_any_work(tmp_path, monkeypatch):
+    import sys
+
+    from typer.testing import CliRunner
+
+    from cryopick.cli import app
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a machine without it
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "no-picks"), "--truth", str(tmp_path / "none"),
+                                      "--radius-px", "5", "--plot", str(tmp_path / "pr.png")])
+    assert result.exit_code == 1 and "plotting needs matplotlib" in result.output  # not "no coordinate files"

@@ -58,3 +58,14 @@ def test_autocast_off_keeps_float32():
     with autocast_factory(False)():
         out = torch.nn.Linear(3, 2)(torch.ones(1, 3))
     assert out.dtype == torch.float32
+
+
+def test_a_gpu_index_beyond_the_machine_is_refused(monkeypatch):
+    from cryopick.device import resolve_device
+    from cryopick.errors import CryopickError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(CryopickError, match=r"device cuda:7: this machine has 1 GPU\(s\), cuda:0 to cuda:0"):
+        resolve_device("cuda:7")

@@ -32,6 +32,21 @@ def _config(dataset_dir, out, **over):
     return resolve(TrainConfig, None, base)
 
 
+def test_running_out_of_memory_says_which_setting_to_lower(dataset_dir, tmp_path, monkeypatch):
+    import cryopick.train as tr
+
+    def allocate(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 65536000000 bytes")
+
+    monkeypatch.setattr(tr, "_train_run", allocate)
+    with pytest.raises(CryopickError, match=r"out of memory with --batch-size 32 \(resnet8 on cpu\): lower"):
+        train(_config(dataset_dir, tmp_path), quiet=True)
+    monkeypatch.setattr(tr, "_train_run", lambda *a: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors stay what they are
+        train(_config(dataset_dir, tmp_path), quiet=True)
+
+
 def test_batch_composition_follows_ratio():
     assert batch_composition(32, [1, 4]) == (6, 26)
     assert batch_composition(10, [1, 1]) == (5, 5)
