@@ -26,7 +26,7 @@ def test_loading_keeps_order_and_turns_bad_files_into_failures(workers):
     loaded = list(iter_loaded(list(range(7)), fake_load, workers, lookahead=2))
     assert [item.plan for item in loaded] == list(range(7))
     failures = {item.plan: item.reason for item in loaded if isinstance(item, LoadFailure)}
-    assert failures == {2: "truncated: 10 of 400 bytes", 4: "CryopickError: too small"}
+    assert failures == {2: "truncated: 10 of 400 bytes", 4: "too small"}
 
 
 def test_batches_hold_one_shape_and_at_most_batch_size_and_failures_pass_at_once():
