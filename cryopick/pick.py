@@ -426,11 +426,22 @@ def _pixel_size_for_outputs(plan: PlannedMicrograph, config: PickConfig, record:
     return micrograph_pixel_size(config.pixel_size, plan.entry.pixel_size, header_pixel_size) or record.pixel_size
 
 
+def _warn_unlisted(out_root: Path, plans: list[PlannedMicrograph], ledger: OutputLedger, lists: ListFiles) -> None:
+    """Coordinate files an earlier run wrote for other micrographs stay, but this run's lists do not name them."""
+    planned = {p.star for p in plans} | set(lists.all())
+    unlisted = sorted(f for f in ledger.owned if f.endswith(".star") and f not in planned and (out_root / f).is_file())
+    if unlisted:
+        warn(f"{len(unlisted)} coordinate file(s) in {out_root} (e.g. {unlisted[0]}) belong to micrographs of an "
+             "earlier run and are not in this run's list files, which name this run's micrographs only: pick "
+             "all micrographs in one run (or one micrographs STAR), or give each set its own --out")
+
+
 def write_run_files(micrographs: str | Path, out_root: Path, out_dir_given: Path, plans: list[PlannedMicrograph],
                     ledger: OutputLedger, lists: ListFiles, record: PreprocessRecord, config: PickConfig,
                     known_pixel_sizes: dict[str, float]) -> list[Path]:
     """Suffix file, coordinate-files list, optional box/Topaz/particles files and the resolved config."""
     present = [p for p in plans if ledger.owns(p.star) and (out_root / p.star).is_file()]
+    _warn_unlisted(out_root, plans, ledger, lists)
     pixel_sizes = {p.entry.name: _pixel_size_for_outputs(p, config, record, known_pixel_sizes) for p in present}
     input_is_star = Path(micrographs).suffix.lower() == ".star" and Path(micrographs).is_file()
     common = Counter(pixel_sizes.values()).most_common(1)

@@ -554,6 +554,17 @@ def test_upsamples_micrographs_coarser_than_training(tmp_path, monkeypatch, blob
     assert nearest_distances(found, blobs).max() <= OS * 0.8 / 2  # half a map step, in 5-Å pixels
 
 
+def test_picking_another_micrograph_set_into_one_out_says_the_lists_name_this_run_only(relion_project,
+                                                                                       blob_checkpoint, capsys):
+    pick("micrographs.star", blob_checkpoint, "out", quiet_config(), quiet=True)
+    assert "earlier run" not in capsys.readouterr().err
+    pick("MotionCorr/job002/Movies/mic002.mrc", blob_checkpoint, "out", quiet_config(), quiet=True)
+    text = " ".join(capsys.readouterr().err.split())
+    assert "2 coordinate file(s) in out (e.g. Movies/mic001_cryopick.star) belong to micrographs of an earlier" in text
+    block, labels, rows = strict_star_loop((relion_project / "out/coordinates_cryopick.star").read_text())
+    assert [row[0] for row in rows] == ["MotionCorr/job002/Movies/mic002.mrc"]
+
+
 def test_rerun_skips_existing_files_and_overwrite_redoes_them(relion_project, blob_checkpoint):
     pick("micrographs.star", blob_checkpoint, "out", quiet_config(), quiet=True)
     star = relion_project / "out/Movies/mic001_cryopick.star"
