@@ -15,6 +15,7 @@ from cryopick.device import autocast_factory, resolve_device, to_input
 from cryopick.errors import CryopickError
 from cryopick.metrics import binary_metrics, pu_corrected_auc
 from cryopick.preprocessing import PreprocessRecord
+from cryopick.progress import warn
 from cryopick.trainplan import threshold_report
 
 
@@ -95,6 +96,9 @@ def evaluate_patches(checkpoint: str | Path, data_dir: str | Path, split: str = 
     with naming(checkpoint):
         model = model_from_checkpoint(ckpt).to(dev)
         pi, max_shift = _prior_and_shift(ckpt, prior)
+    if split != "train" and (ckpt.get("config") or {}).get("data", {}).get("mode") == "dense":
+        warn(f"{checkpoint} was trained densely on every labeled micrograph, extract's val split included: "
+             "these patch metrics are not held out (train's own validation holds out labels instead)")
     radius = positive_radius_px(max_shift, dataset.record) * dataset.record.bin_factor
     metrics = validate(model, data, pi, radius, dev, autocast_factory(dev.type == "cuda"),
                        channels_last=False, threshold=threshold)

@@ -312,3 +312,18 @@ def test_best_checkpoint_keeps_a_later_epoch_within_the_metrics_noise():
     assert _track(noisy) == ([0, 1, 2, 4], 4)  # 0.85 < 0.96 − 0.05: not kept
     exact = [{"epoch": k, "val_auc_pn": v} for k, v in enumerate(values)]
     assert _track(exact) == ([0, 1], 1)
+
+
+@pytest.mark.parametrize("mode", ["dense", "patches"])
+def test_patch_level_evaluation_of_a_trained_checkpoint(dataset_dir, tmp_path, capsys, mode):
+    from cryopick.validation import evaluate_patches
+
+    result = train(_config(dataset_dir, tmp_path, **{"train.epochs": 1, "data.mode": mode}), quiet=True)
+    capsys.readouterr()
+    metrics = evaluate_patches(result.exp_dir / "checkpoints" / "best.pt", dataset_dir, "val", 0.5, "cpu")
+    dataset = load_dataset(dataset_dir)
+    assert (metrics["n_positive"], metrics["n_unlabeled"]) == (len(dataset.val.positive), len(dataset.val.unlabeled))
+    assert 0.0 <= metrics["val_auc_pu"] <= 1.0 and 0.0 <= metrics["val_true_auc"] <= 1.0  # the set has truth
+    assert metrics["prior"] == (0.0 if mode == "dense" else 0.3) and metrics["split"] == "val"
+    # dense training crops every labeled micrograph, the val split's too: its metrics are not held out
+    assert ("not held out" in " ".join(capsys.readouterr().err.split())) == (mode == "dense")
