@@ -121,6 +121,9 @@ def extract(
     overwrite: bool = flag("--overwrite", help="Replace a dataset already in --out (built aside, swapped in only "
                            "when complete)."),
     strict: bool = flag("--strict", help="Stop at the first unreadable micrograph instead of skipping it."),
+    labeled_only: bool = flag("--labeled-only", help="Extract only the micrographs with labels: all that dense "
+                              "training (the default) reads; saves the time and disk of thousands of unlabeled "
+                              "micrographs (--mode patches then has no unlabeled micrographs to validate on)."),
     quiet: bool = QUIET,
 ) -> None:
     """Cut 128×128 positive patches at labeled centres and unlabeled patches at random centres."""
@@ -130,7 +133,8 @@ def extract(
     overrides = {"diameter": diameter, "bin": bin_factor, "target_pixel_size": target_pixel_size,
                  "pixel_size": pixel_size, "unlabeled_per_micrograph": unlabeled, "val_fraction": val_fraction,
                  "chunk_size": chunk_size, "workers": workers, "seed": seed, "overwrite": overwrite or None,
-                 "strict": strict or None, "coord_scale": coord_scale, "cs_flip_y": cs_flip_y}
+                 "strict": strict or None, "coord_scale": coord_scale, "cs_flip_y": cs_flip_y,
+                 "labeled_only": labeled_only or None}
     cfg = resolve(ExtractConfig, config, overrides)
     summary = run(micrographs, coords, out, cfg, truth=truth, project_dir=project_dir, quiet=quiet)
     if not quiet:

@@ -39,6 +39,7 @@ class ExtractConfig:
     strict: bool = False
     coord_scale: float = 1.0  # multiply input coordinates (e.g. Topaz tables written in binned pixels)
     cs_flip_y: bool = True  # cryoSPARC .cs labels: y from its lower-left origin (off: picks made on flipped micrographs)
+    labeled_only: bool = False  # only micrographs with labels: all that dense training reads (patches: no val of others)
 
 
 @dataclass

@@ -231,6 +231,15 @@ def _usable_sizes(entries: list[MicrographEntry], shapes: list, labels: dict, tr
     return [entries[k] for k in keep], [shapes[k] for k in keep], labels, truth
 
 
+def _labeled_only(entries: list[MicrographEntry], shapes: list, labels: dict, truth: dict | None):
+    """The micrographs with labels only (entries, shapes, labels and truth renumbered)."""
+    keep = [k for k in range(len(entries)) if len(labels.get(k, ())) > 0]
+    renumber = {old: new for new, old in enumerate(keep)}
+    labels = {renumber[k]: v for k, v in labels.items() if k in renumber}
+    truth = None if truth is None else {renumber[k]: v for k, v in truth.items() if k in renumber}
+    return [entries[k] for k in keep], [shapes[k] for k in keep], labels, truth
+
+
 def _deduplicate(coords: dict) -> dict:
     """Drop labels repeating another label's centre (to the pixel) on the same micrograph, with one warning."""
     out, dropped, where = {}, 0, 0
@@ -363,6 +372,9 @@ def extract(micrographs: str | Path, coords: str | Path, out_dir: str | Path, co
     summary.record = record
     entries, shapes, labels, truth_coords = _usable_sizes(entries, shapes, labels, truth_coords, record, config,
                                                           summary)
+    if config.labeled_only:
+        entries, shapes, labels, truth_coords = _labeled_only(entries, shapes, labels, truth_coords)
+        info(f"{len(entries)} labeled micrographs of {summary.n_micrographs} extracted (labeled_only)", quiet)
     with staged_dir(out_dir) as stage:
         _extract_into(stage, entries, shapes, labels, truth_coords, factor, record, config, summary,
                       truth is not None, quiet)

@@ -216,8 +216,17 @@ class AbortWatch:
 
 def run_external_job(inputs: RelionJobInputs, params: list[str], quiet: bool = False) -> int:
     """Run the External job and write its exit file; returns the exit status (0 done, 1 failed, 2 aborted)."""
+    problem = job_dir_problem(inputs.out)
+    if problem:  # no job directory to write a verdict file into
+        console.print(f"[red]error:[/red] --o {inputs.out!r}: {problem}", highlight=False, soft_wrap=True)
+        return 1
     job_dir = _job_dir(inputs)
-    job_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        console.print(f"[red]error:[/red] --o {inputs.out}: cannot create the job directory ({exc.strerror})",
+                      highlight=False, soft_wrap=True)
+        return 1
     for name in (EXIT_SUCCESS, EXIT_FAILURE, EXIT_ABORTED):
         (job_dir / name).unlink(missing_ok=True)  # a continued job starts without a verdict
     abort = AbortWatch(job_dir)
@@ -242,6 +251,17 @@ def run_external_job(inputs: RelionJobInputs, params: list[str], quiet: bool = F
         return 2
     (job_dir / EXIT_SUCCESS).touch()
     return 0
+
+
+def job_dir_problem(out: str) -> str | None:
+    """Why ``out`` is not a job directory as RELION passes it (``External/job012/``: relative, inside the
+    project, not the project itself), or None."""
+    path = PurePosixPath(str(out).replace("\\", "/"))
+    if not str(out).strip() or path.is_absolute() or path.parts in ((), (".",)):
+        return "expected the job directory RELION passes, relative to the project (e.g. External/job012/)"
+    if ".." in path.parts:
+        return "the job directory must lie inside the project (no '..')"
+    return None
 
 
 def _job_dir(inputs: RelionJobInputs) -> Path:
@@ -306,24 +326,27 @@ def _train(inputs: RelionJobInputs, settings: RelionJobSettings, abort: AbortWat
     work = _job_dir(inputs) / WORK_DIR
     dataset, exp_dir = work / "dataset", work / "experiment"
     best = exp_dir / "checkpoints" / "best.pt"
-    if (work / TRAINED_MARKER).is_file() and best.is_file():
-        info(f"continuing: training already finished ({best})", quiet)
-        return best
-    if not (dataset / MANIFEST).is_file():
-        # overwrite=True: replaces the remains of an extraction that was aborted before its manifest
-        extract_cfg = resolve(ExtractConfig, None, {
-            "diameter": settings.diameter, "val_fraction": settings.val_fraction, "seed": settings.seed,
-            "unlabeled_per_micrograph": settings.unlabeled_per_micrograph, "workers": 1, "overwrite": True})
-        summary = extract(inputs.in_mics, coords, dataset, extract_cfg, project_dir=inputs.project_dir, quiet=quiet)
-        if not quiet:
-            print_summary(summary)
-    if abort.requested():
-        return None
+    # every setting is checked before the extraction, which can take long
+    extract_cfg = resolve(ExtractConfig, None, {
+        "diameter": settings.diameter, "val_fraction": settings.val_fraction, "seed": settings.seed,
+        "unlabeled_per_micrograph": settings.unlabeled_per_micrograph, "workers": 1, "overwrite": True,
+        "labeled_only": True})  # dense training reads only the labeled micrographs
     train_cfg = resolve(TrainConfig, None, {
         "data.data_dir": str(dataset), "train.output_root": str(work), "train.exp_name": exp_dir.name,
         "train.epochs": settings.epochs, "train.steps_per_epoch": settings.steps_per_epoch,
         "model.backbone": settings.backbone, "train.device": settings.device, "train.seed": settings.seed,
         "loss.expected_particles": settings.expected_particles, "loss.balanced_prior": settings.balanced_prior})
+    if (work / TRAINED_MARKER).is_file() and best.is_file():
+        _check_same_training(best, train_cfg, settings.diameter)
+        info(f"continuing: training already finished ({best})", quiet)
+        return best
+    if not (dataset / MANIFEST).is_file():
+        # overwrite=True: replaces the remains of an extraction that was aborted before its manifest
+        summary = extract(inputs.in_mics, coords, dataset, extract_cfg, project_dir=inputs.project_dir, quiet=quiet)
+        if not quiet:
+            print_summary(summary)
+    if abort.requested():
+        return None
     resume = (exp_dir / "checkpoints" / "last.pt").is_file()
     with abort.interrupting():
         result = train(train_cfg, resume=resume, quiet=quiet)
@@ -333,6 +356,22 @@ def _train(inputs: RelionJobInputs, settings: RelionJobSettings, abort: AbortWat
         raise KeyboardInterrupt
     write_json_atomic(work / TRAINED_MARKER, {"checkpoint": str(best), "best_epoch": result.best_epoch})
     return best
+
+
+def _check_same_training(best: Path, train_cfg, diameter: float) -> None:
+    """Continue of a finished training must ask for the same training: other Params rows need a new job."""
+    from cryopick.checkpoint import load_checkpoint
+    from cryopick.config import to_dict
+    from cryopick.trainplan import resume_differences
+
+    ckpt = load_checkpoint(best)
+    saved = ckpt.get("config")
+    record = ckpt.get("preprocess") if isinstance(ckpt.get("preprocess"), dict) else {}
+    differences = resume_differences(saved if isinstance(saved, dict) else {}, to_dict(train_cfg),
+                                     {"diameter_A": record.get("diameter_A")}, {"diameter_A": float(diameter)})
+    if differences:
+        raise CryopickError(f"this job already trained {best} with other Params ({'; '.join(differences[:4])}); "
+                            "a finished training is not redone: run a new job for other training settings")
 
 
 def _pick_config(settings: RelionJobSettings):
@@ -380,16 +419,18 @@ def relion_version(project_dir: Path, setting: str = "auto") -> int:
 
 
 def write_relion_outputs(inputs: RelionJobInputs, version_setting: str = "auto") -> list[Path]:
-    """``autopick.star`` for every micrograph whose coordinate file exists, and ``RELION_OUTPUT_NODES.star``."""
-    from cryopick.io.outputs import coordinate_file_name
+    """``autopick.star`` for every micrograph pick wrote a coordinate file for, and ``RELION_OUTPUT_NODES.star``.
+
+    The micrographs are paired with their files as pick planned them: two micrographs whose names give the
+    same file name (``job002/Movies/a.mrc``, ``job009/Movies/a.mrc``) leave the second unpicked, not listed
+    with the first one's picks."""
+    from cryopick.io.outputs import plan_outputs
     from cryopick.io.pickmarker import ListFiles
 
     job_dir = _job_dir(inputs)
-    rows = []
-    for entry in find_micrographs(inputs.in_mics, project_dir=inputs.project_dir):
-        star = coordinate_file_name(entry.name, SUFFIX)
-        if (job_dir / star).is_file():
-            rows.append((entry.name, _node_name(inputs.out, star)))
+    entries = sorted(find_micrographs(inputs.in_mics, project_dir=inputs.project_dir), key=lambda e: e.name)
+    plans, _ = plan_outputs(entries, SUFFIX, ListFiles(SUFFIX).all())
+    rows = [(p.entry.name, _node_name(inputs.out, p.star)) for p in plans if (job_dir / p.star).is_file()]
     write_coordinate_files_list(job_dir / COORDINATE_LIST, rows)
     version = relion_version(inputs.project_dir, version_setting)
     if version == 3:

@@ -228,3 +228,12 @@ def test_extract_on_the_independent_dev_set(tmp_path):
     assert summary.n_positive["train"] > 0 and summary.n_positive["val"] > 0
     assert summary.n_unlabeled["train"] + summary.n_unlabeled["val"] == 120
     assert not summary.skipped and not summary.unmatched
+
+
+def test_labeled_only_extracts_just_the_labeled_micrographs(tiny_project):
+    root, coords = tiny_project  # mic_c has an empty label file
+    summary = extract(str(root / "mics"), str(root / "labels"), root / "ds", _config(labeled_only=True), quiet=True)
+    manifest = json.loads((root / "ds" / "manifest.json").read_text())
+    assert sorted(Path(m["path"]).name for m in manifest["micrographs"]) == ["mic_a.mrc", "mic_b.mrc"]
+    assert summary.n_used == 2 and summary.n_micrographs == 3
+    assert summary.n_positive["train"] + summary.n_positive["val"] == sum(len(v) for v in coords.values())

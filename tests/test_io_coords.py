@@ -235,6 +235,13 @@ def test_concatenated_star_files_are_refused_not_read_as_the_last(tmp_path):
         read_coordinate_file(path)
 
 
+def test_a_star_file_that_is_not_star_is_refused_not_read_as_a_header(tmp_path):
+    path = write_text(tmp_path / "mic_manualpick.star", "junk junk\n")  # was read as a header: 0 labels, no word
+    with pytest.raises(InputFileError, match=r"mic_manualpick\.star: not a STAR file \(it starts 'junk junk'"):
+        read_coordinate_file(path)
+    assert len(read_coordinate_file(write_text(tmp_path / "m.txt", "x y\n1 2\n"))[0].coords) == 1  # plain tables
+
+
 def test_a_second_coordinate_table_is_named_in_a_warning(tmp_path):
     path = write_text(tmp_path / "m.star", f"data_a\n\n{LOOP}1 2\n3 4\n\ndata_b\n\n{LOOP}5 6\n")
     tables = read_coordinate_file(path)

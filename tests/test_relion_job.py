@@ -8,6 +8,7 @@ RELION is not installed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -249,7 +250,9 @@ def test_train_then_pick_in_one_job(project, hand_picks):
     job_dir = project / JOB
     assert result.exit_code == 0, result.output
     assert exit_files(job_dir) == {EXIT_SUCCESS}
-    assert (job_dir / "cryopick/dataset/manifest.json").is_file()
+    manifest = json.loads((job_dir / "cryopick/dataset/manifest.json").read_text())
+    # only the hand-picked micrographs are extracted: dense training reads nothing else
+    assert sorted(Path(m["path"]).name for m in manifest["micrographs"]) == ["mic001.mrc", "mic002.mrc"]
     assert (job_dir / "cryopick/experiment/checkpoints/best.pt").is_file()
     listing = starfile.read(job_dir / "autopick.star")
     assert list(listing["rlnMicrographName"]) == [mic_name(s) for s in BLOBS]
@@ -258,6 +261,11 @@ def test_train_then_pick_in_one_job(project, hand_picks):
     result = run_job(*hand_picks, *TRAIN_PARAMS)
     assert result.exit_code == 0, result.output
     assert "training already finished" in result.output
+    # continue with other training rows: not silently the old training
+    changed = [("3" if value == "1" else value) for value in TRAIN_PARAMS]  # --epochs 3
+    result = run_job(*hand_picks, *changed)
+    assert result.exit_code == 1 and exit_files(job_dir) == {EXIT_FAILURE}
+    assert "train.epochs: 1 → 3" in (job_dir / EXIT_FAILURE).read_text()
 
 
 def test_bad_parameters_fail_with_one_clear_line(project):
@@ -298,6 +306,27 @@ def test_cryopick_relion_entry_point_takes_relion_command_line(project):
     assert result.returncode == 0, result.stdout + result.stderr
     assert exit_files(project / JOB) == {EXIT_SUCCESS}
     assert len(starfile.read(project / JOB / "autopick.star")) == 3
+
+
+def test_micrographs_of_one_name_in_two_jobs_are_not_listed_with_each_others_picks(project):
+    # MotionCorr/job002/Movies/mic001.mrc and job009/Movies/mic001.mrc give one coordinate file name: the second
+    # fails in pick, and autopick.star must not pair it with the first one's picks
+    other = "MotionCorr/job009/Movies/mic001.mrc"
+    Path(other).parent.mkdir(parents=True)
+    shutil.copy(mic_name("mic001"), other)
+    write_micrographs_star(MICS_STAR, [mic_name(s) for s in BLOBS] + [other], pixel_size=2.0)
+    result = run_job("--model", "models/blob.pt", "--threshold", "0.5", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    listing = starfile.read(project / JOB / "autopick.star")
+    assert list(listing["rlnMicrographName"]) == [mic_name(s) for s in BLOBS]
+    assert list(listing["rlnMicrographCoordinates"]) == [f"{JOB}Movies/{s}_autopick.star" for s in BLOBS]
+
+
+@pytest.mark.parametrize("out", ["../elsewhere/", "/tmp/job/", ".", ""])
+def test_a_job_directory_outside_the_project_is_refused(project, out):
+    result = runner.invoke(app, ["relion", "--o", out, "--in_mics", MICS_STAR, "--model", "models/blob.pt"])
+    assert result.exit_code == 1 and "--o" in result.output
+    assert not (project / "autopick.star").exists() and not (project.parent / "elsewhere").exists()
 
 
 def test_bad_pick_settings_fail_before_any_training(project):

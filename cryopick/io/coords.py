@@ -156,6 +156,9 @@ def _read_tables(path: Path, pixel_size: float | None, allow_list: bool,
         return [CoordinateTable(path, None, empty_coords())]  # RELION's empty coordinate table is a 0-byte file
     if _looks_like_star(head):
         return _read_star(path, pixel_size, allow_list, warnings)
+    if path.suffix.lower() == ".star":  # a plain table would take its first line for a header: labels lost
+        raise InputFileError(path, f"not a STAR file (it starts {_first_content_line(head)[:60]!r}, not data_ or "
+                                   "loop_)")
     first = _first_content_line(head).split()
     if "x_coord" in first and "y_coord" in first:
         return _read_topaz_table(path)
