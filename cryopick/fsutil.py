@@ -68,17 +68,24 @@ def load_torch_weights(path: str | Path, what: str, map_location: Any = "cpu") -
             warnings.simplefilter("ignore", UserWarning)  # torch's notes on pickle protocols mean nothing to users
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt, foreign or unsafe files
-        raise CryopickError(f"{path}: not a readable {what} ({_load_failure(exc, pickle.UnpicklingError)})") from None
+        raise CryopickError(f"{path}: not a readable {what} ({_load_failure(path, exc, pickle.UnpicklingError)})"
+                            ) from None
 
 
-def _load_failure(exc: Exception, unpickling_error: type) -> str:
+def _load_failure(path: str | Path, exc: Exception, unpickling_error: type) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch's zip nor a pickle: e.g. an MRC or a text file
+        return "not a PyTorch file"
     text = str(exc).strip()
     if "Weights only load failed" in text:
         return "it holds Python objects, not only tensors; cryopick loads weights only, never code"
     if isinstance(exc, (KeyError, unpickling_error)) or "invalid load key" in text:
         return "not a PyTorch file"
+    if "central directory" in text or "zip archive" in text:
+        return "truncated or damaged: its zip archive is incomplete"
     first = text.splitlines()[0] if text else type(exc).__name__
-    return first[:200]
+    return first if len(first) <= 200 else first[:first.rfind(" ", 0, 200)] + " …"
 
 
 def safe_join(root: str | Path, relative: str | Path) -> Path:

@@ -218,7 +218,7 @@ def pick(micrographs: str | Path, model: str | Path, out_dir: str | Path, config
     if not quiet:
         print_summary(summary)
     if failed_all:
-        raise CryopickError(f"every micrograph failed ({len(summary.failed)}); first: "
+        raise CryopickError(f"every micrograph failed ({len(summary.failed)}); e.g. "
                             + "; ".join(f"{n}: {r}" for n, r in list(summary.failed.items())[:3]))
     return summary
 

@@ -233,7 +233,7 @@ def run_external_job(inputs: RelionJobInputs, params: list[str], quiet: bool = F
     try:
         finished = _run(inputs, parse_params(params), abort, quiet)
     except CryopickError as exc:
-        return _fail(job_dir, str(exc))
+        return _fail(job_dir, in_relion_terms(str(exc)))
     except KeyboardInterrupt:
         if not abort.requested():
             return _fail(job_dir, "interrupted (Ctrl-C or SIGTERM); continue the job to resume")
@@ -251,6 +251,14 @@ def run_external_job(inputs: RelionJobInputs, params: list[str], quiet: bool = F
         return 2
     (job_dir / EXIT_SUCCESS).touch()
     return 0
+
+
+def in_relion_terms(message: str) -> str:
+    """A library message whose advice names command-line options a RELION user cannot give, with what to do
+    in RELION instead."""
+    if any(option in message for option in ("--overwrite", "--resume", "--out")):
+        return message + " [in RELION: run a new External job (the job's own --o is fixed)]"
+    return message
 
 
 def job_dir_problem(out: str) -> str | None:
@@ -287,6 +295,9 @@ def _run(inputs: RelionJobInputs, settings: RelionJobSettings, abort: AbortWatch
     if settings.model:
         model = Path(settings.model)
         model = model if model.is_absolute() else inputs.project_dir / model
+        if model.is_dir():
+            raise CryopickError(f"model {settings.model}: is a directory; give the checkpoint file from cryopick "
+                                "train (e.g. its checkpoints/best.pt)")
         if not model.is_file():
             raise CryopickError(f"model {settings.model}: file not found (give a checkpoint from cryopick train)")
     else:
@@ -321,8 +332,10 @@ def _train(inputs: RelionJobInputs, settings: RelionJobSettings, abort: AbortWat
         raise CryopickError("nothing to train on and no model: give hand picks (Input tab: coordinates from "
                             "Manual picking, --in_coords, or a particles STAR, --in_parts), or a 'model' "
                             "row in the Params tab to pick with a trained checkpoint")
-    if not settings.diameter or settings.diameter <= 0:
+    if settings.diameter is None:
         raise CryopickError("training needs the particle diameter: add a Params row 'diameter' (Å)")
+    if settings.diameter <= 0:
+        raise CryopickError(f"parameter --diameter {settings.diameter:g}: expected a positive diameter in Å")
     work = _job_dir(inputs) / WORK_DIR
     dataset, exp_dir = work / "dataset", work / "experiment"
     best = exp_dir / "checkpoints" / "best.pt"

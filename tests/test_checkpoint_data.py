@@ -44,8 +44,20 @@ def test_checkpoint_of_another_format_version_fails_clearly(tmp_path):
 
 def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
     torch.save({"format": "cryopick-checkpoint", "obj": object()}, tmp_path / "evil.pt")
-    with pytest.raises(CryopickError, match="not a readable cryopick checkpoint"):
+    with pytest.raises(CryopickError, match=r"evil\.pt: not a readable cryopick checkpoint \(it holds Python objects"):
         load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_files_that_are_not_checkpoints_say_why(tmp_path):
+    _save(tmp_path / "c.pt")
+    data = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "mic.mrc").write_bytes(b"\x00\x02\x00\x00" * 256)  # a micrograph given as --model
+    for name, why in (("cut.pt", "truncated or damaged: its zip archive is incomplete"),
+                      ("mic.mrc", "not a PyTorch file")):
+        with pytest.raises(CryopickError) as caught:
+            load_checkpoint(tmp_path / name)
+        assert str(caught.value) == f"{tmp_path / name}: not a readable cryopick checkpoint ({why})"
 
 
 def test_unlabeled_can_be_restricted_to_labeled_micrographs():

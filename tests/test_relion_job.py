@@ -277,6 +277,10 @@ def test_bad_parameters_fail_with_one_clear_line(project):
     assert "Traceback" not in result.output
     result = run_job("--in_coords", "ManualPick/job004/manualpick.star")
     assert result.exit_code == 1 and "diameter" in (project / JOB / EXIT_FAILURE).read_text()
+    result = run_job("--in_coords", "ManualPick/job004/manualpick.star", "--diameter", "-150")
+    assert "--diameter -150: expected a positive diameter in Å" in (project / JOB / EXIT_FAILURE).read_text()
+    result = run_job("--model", "models")
+    assert result.exit_code == 1 and "models: is a directory" in (project / JOB / EXIT_FAILURE).read_text()
 
 
 def test_parse_params_types_spellings_and_errors():
@@ -334,3 +338,12 @@ def test_bad_pick_settings_fail_before_any_training(project):
     assert result.exit_code == 1 and exit_files(project / JOB) == {EXIT_FAILURE}
     assert "--threshold" in (project / JOB / EXIT_FAILURE).read_text()
     assert not (project / JOB / "cryopick").exists()  # nothing was extracted or trained
+
+
+def test_advice_naming_command_line_options_says_what_to_do_in_relion():
+    from cryopick.relion_job import in_relion_terms
+
+    assert in_relion_terms("x already holds picks made with another model; Use --overwrite").endswith(
+        "[in RELION: run a new External job (the job's own --o is fixed)]")
+    assert in_relion_terms("parameter --diameter -1: expected a positive diameter in Å") == (
+        "parameter --diameter -1: expected a positive diameter in Å")
