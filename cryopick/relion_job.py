@@ -41,7 +41,7 @@ from cryopick.errors import CryopickError
 from cryopick.fsutil import write_json_atomic, write_text_atomic
 from cryopick.io.micrographs import find_micrographs
 from cryopick.io.relion import star_loop, write_coordinate_files_list
-from cryopick.progress import console, info
+from cryopick.progress import console, info, warn
 
 EXIT_SUCCESS = "RELION_JOB_EXIT_SUCCESS"
 EXIT_FAILURE = "RELION_JOB_EXIT_FAILURE"
@@ -328,6 +328,9 @@ def _train(inputs: RelionJobInputs, settings: RelionJobSettings, abort: AbortWat
     from cryopick.train import train
 
     coords = inputs.in_coords or inputs.in_parts
+    if inputs.in_coords and inputs.in_parts:
+        warn(f"both input coordinates ({inputs.in_coords}) and input particles ({inputs.in_parts}) given: "
+             "training on the coordinates; the particles are not used")
     if not coords:
         raise CryopickError("nothing to train on and no model: give hand picks (Input tab: coordinates from "
                             "Manual picking, --in_coords, or a particles STAR, --in_parts), or a 'model' "
