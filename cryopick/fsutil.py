@@ -55,6 +55,48 @@ def save_torch_atomic(path: str | Path, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+@contextlib.contextmanager
+def run_lock(directory: str | Path, name: str = ".cryopick.lock") -> Iterator[None]:
+    """One run at a time in ``directory``: a lock file holding host and pid, taken with O_EXCL. A lock left by
+    a dead process on this host is taken over; one from another host is refused (its process cannot be
+    checked from here), naming the file to remove."""
+    import socket
+
+    path = Path(directory) / name
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = path.read_text(errors="replace").split() if path.is_file() else []
+            host, pid = (holder + ["?", "0"])[:2]
+            if host == socket.gethostname() and not _alive(int(pid) if pid.isdigit() else 0):
+                path.unlink(missing_ok=True)  # left by a killed run
+                continue
+            raise CryopickError(f"{directory}: another run is using it ({host}, pid {pid}); wait for it, or remove "
+                                f"{path} if no run is active") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(me + "\n")
+        break
+    try:
+        yield
+    finally:
+        if path.is_file() and path.read_text(errors="replace").strip() == me:
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def load_torch_weights(path: str | Path, what: str, map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code. A file that is
     not that is a CryopickError ``<path>: not a readable <what> (<why>)``."""

@@ -38,7 +38,7 @@ from typing import Any, Iterator
 
 from cryopick.config import DEFAULT_THRESHOLD
 from cryopick.errors import CryopickError
-from cryopick.fsutil import write_json_atomic, write_text_atomic
+from cryopick.fsutil import run_lock, write_json_atomic, write_text_atomic
 from cryopick.io.micrographs import find_micrographs
 from cryopick.io.relion import star_loop, write_coordinate_files_list
 from cryopick.progress import console, info, warn
@@ -227,6 +227,15 @@ def run_external_job(inputs: RelionJobInputs, params: list[str], quiet: bool = F
         console.print(f"[red]error:[/red] --o {inputs.out}: cannot create the job directory ({exc.strerror})",
                       highlight=False, soft_wrap=True)
         return 1
+    try:
+        with run_lock(job_dir):
+            return _run_locked(inputs, params, job_dir, quiet)
+    except CryopickError as exc:  # the lock: another run of this job is going on; its verdict is its own
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 1
+
+
+def _run_locked(inputs: RelionJobInputs, params: list[str], job_dir: Path, quiet: bool) -> int:
     for name in (EXIT_SUCCESS, EXIT_FAILURE, EXIT_ABORTED):
         (job_dir / name).unlink(missing_ok=True)  # a continued job starts without a verdict
     abort = AbortWatch(job_dir)

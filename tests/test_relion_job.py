@@ -347,3 +347,19 @@ def test_advice_naming_command_line_options_says_what_to_do_in_relion():
         "[in RELION: run a new External job (the job's own --o is fixed)]")
     assert in_relion_terms("parameter --diameter -1: expected a positive diameter in Å") == (
         "parameter --diameter -1: expected a positive diameter in Å")
+
+
+def test_two_runs_of_one_job_at_once_are_refused_and_a_killed_runs_lock_is_taken_over(project):
+    import socket
+
+    job_dir = project / JOB
+    job_dir.mkdir(parents=True)
+    lock = job_dir / ".cryopick.lock"
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")  # a live run (this process) holds the job
+    result = run_job("--model", "models/blob.pt", "--device", "cpu")
+    assert result.exit_code == 1 and "another run is using it" in result.output
+    assert exit_files(job_dir) == set()  # the running job's verdict is its own to write
+    lock.write_text(f"{socket.gethostname()} 999999999\n")  # left by a killed run
+    result = run_job("--model", "models/blob.pt", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert exit_files(job_dir) == {EXIT_SUCCESS} and not lock.exists()
