@@ -40,6 +40,7 @@ from cryopick.config import DEFAULT_THRESHOLD
 from cryopick.errors import CryopickError
 from cryopick.fsutil import run_lock, write_json_atomic, write_text_atomic
 from cryopick.io.micrographs import find_micrographs
+from cryopick.io.pickmarker import ListFiles
 from cryopick.io.relion import star_loop, write_coordinate_files_list
 from cryopick.progress import console, info, warn
 
@@ -315,9 +316,10 @@ def _run(inputs: RelionJobInputs, settings: RelionJobSettings, abort: AbortWatch
             return False
     summary = _pick(inputs, pick_config, model, abort, quiet)
     write_relion_outputs(inputs, str(version))
+    node = ListFiles(SUFFIX).coords_suffix if version == 3 else COORDINATE_LIST  # what the version's Extract reads
     info(f"{len(summary.counts)} micrographs picked now ({summary.total_picks} particles), "
          f"{len(summary.skipped)} kept from before; coordinates for Particle extraction: "
-         f"{_node_name(inputs.out, COORDINATE_LIST)}", quiet)
+         f"{_node_name(inputs.out, node)}", quiet)
     return not (summary.stopped or abort.requested())
 
 
@@ -450,7 +452,6 @@ def write_relion_outputs(inputs: RelionJobInputs, version_setting: str = "auto")
     same file name (``job002/Movies/a.mrc``, ``job009/Movies/a.mrc``) leave the second unpicked, not listed
     with the first one's picks."""
     from cryopick.io.outputs import plan_outputs
-    from cryopick.io.pickmarker import ListFiles
 
     job_dir = _job_dir(inputs)
     entries = sorted(find_micrographs(inputs.in_mics, project_dir=inputs.project_dir), key=lambda e: e.name)

@@ -363,3 +363,10 @@ def test_two_runs_of_one_job_at_once_are_refused_and_a_killed_runs_lock_is_taken
     result = run_job("--model", "models/blob.pt", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert exit_files(job_dir) == {EXIT_SUCCESS} and not lock.exists()
+
+
+def test_the_last_line_names_the_node_relion_3_extracts_from(project):
+    (project / "default_pipeline.star").write_text(PIPELINE[3])
+    result = run_job("--model", "models/blob.pt", "--device", "cpu")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and f"coordinates for Particle extraction: {JOB}coords_suffix_autopick.star" in text
