@@ -126,7 +126,7 @@ def extract(
                               "micrographs (--mode patches then has no unlabeled micrographs to validate on)."),
     quiet: bool = QUIET,
 ) -> None:
-    """Cut 128×128 positive patches at labeled centres and unlabeled patches at random centres."""
+    """Keep the binned labeled micrographs (dense training) and cut 128×128 patches (--mode patches)."""
     from cryopick.extract import extract as run
     from cryopick.extract import next_steps, print_summary
 
