@@ -70,7 +70,7 @@ def run_lock(directory: str | Path, name: str = ".cryopick.lock") -> Iterator[No
         except FileExistsError:
             holder = path.read_text(errors="replace").split() if path.is_file() else []
             host, pid = (holder + ["?", "0"])[:2]
-            if host == socket.gethostname() and not _alive(int(pid) if pid.isdigit() else 0):
+            if host == socket.gethostname() and not (pid.isdigit() and int(pid) > 0 and _pid_alive(int(pid))):
                 path.unlink(missing_ok=True)  # left by a killed run
                 continue
             raise CryopickError(f"{directory}: another run is using it ({host}, pid {pid}); wait for it, or remove "
@@ -83,18 +83,6 @@ def run_lock(directory: str | Path, name: str = ".cryopick.lock") -> Iterator[No
     finally:
         if path.is_file() and path.read_text(errors="replace").strip() == me:
             path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def load_torch_weights(path: str | Path, what: str, map_location: Any = "cpu") -> Any:
