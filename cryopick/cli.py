@@ -9,11 +9,12 @@ from typing import Optional
 import typer
 
 from cryopick import __version__
-from cryopick.cliutil import QUIET, default, flag, renamed_option, user_errors
+from cryopick.cliutil import QUIET, Command, Group, default, flag, renamed_option, user_errors
 from cryopick.config import DEFAULT_THRESHOLD, EvaluateConfig, ExtractConfig, PickConfig, TrainConfig, resolve
 from cryopick.errors import CryopickError
 
 app = typer.Typer(
+    cls=Group,
     name="cryopick",
     help="Positive-unlabeled cryo-EM particle picking (nnPU + Selective FixMatch) with RELION-ready output.",
     no_args_is_help=True,
@@ -37,7 +38,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 # ---------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: cryopick simulate sim/ -n 4 --size 1024 --particle shell --snr 0.05")
+@app.command(cls=Command, epilog="Example: cryopick simulate sim/ -n 4 --size 1024 --particle shell --snr 0.05")
 @user_errors
 def simulate(
     out: Path = typer.Argument(..., help="Output directory (micrographs/, truth/, labels/, micrographs.star, case.json)."),
@@ -76,7 +77,7 @@ def _parse_size(text: str) -> tuple[int, int]:
     raise CryopickError(f"--size {text!r}: expected N or NXxNY in pixels")
 
 
-@app.command(epilog="Example: cryopick extract CtfFind/job003/micrographs_ctf.star --coords ManualPick/job004/ "
+@app.command(cls=Command, epilog="Example: cryopick extract CtfFind/job003/micrographs_ctf.star --coords ManualPick/job004/ "
                      "--diameter 150 --out ds/ -j 8")
 @user_errors
 def extract(
@@ -146,7 +147,7 @@ def default_config_text() -> str:
     return resources.files("cryopick").joinpath("configs/pu_selective_fixmatch.yaml").read_text()
 
 
-@app.command(epilog="Example: cryopick train --data-dir ds/ --exp-name run1   (--print-config shows every key)")
+@app.command(cls=Command, epilog="Example: cryopick train --data-dir ds/ --exp-name run1   (--print-config shows every key)")
 @user_errors
 def train(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Dataset from extract (directory), or a "
@@ -230,7 +231,7 @@ def train(
         typer.echo("\n".join(summary_lines(result, cfg)))
 
 
-@app.command(epilog="Example: cryopick pick CtfFind/job003/micrographs_ctf.star --model "
+@app.command(cls=Command, epilog="Example: cryopick pick CtfFind/job003/micrographs_ctf.star --model "
                      "experiments/run1/checkpoints/best.pt --out External/job010/")
 @user_errors
 def pick(
@@ -312,7 +313,7 @@ def pick(
         typer.echo("\n".join(next_steps(summary)))
 
 
-@app.command(epilog="Example: cryopick evaluate picks/ --truth reference_picks/ --model "
+@app.command(cls=Command, epilog="Example: cryopick evaluate picks/ --truth reference_picks/ --model "
                      "experiments/run1/checkpoints/best.pt --json report.json")
 @user_errors
 def evaluate(
@@ -421,7 +422,7 @@ def _print_patch_metrics(metrics: dict) -> None:
     console.print(table)
 
 
-@app.command(epilog="Example: cryopick demo cryopick-demo   (about 3.5 minutes on 2 CPU cores)")
+@app.command(cls=Command, epilog="Example: cryopick demo cryopick-demo   (about 3.5 minutes on 2 CPU cores)")
 @user_errors
 def demo(
     out: Path = typer.Argument(Path("cryopick-demo"), help="Working directory for the demo (must be new or empty)."),
@@ -460,7 +461,7 @@ RELION_HELP = (
 )
 
 
-@app.command("relion", context_settings=RELION_CONTEXT, help=RELION_HELP)
+@app.command("relion", cls=Command, context_settings=RELION_CONTEXT, help=RELION_HELP)
 @user_errors  # SIGTERM from a cluster scheduler becomes an interrupt, which the job records as its failure
 def relion(
     ctx: typer.Context,
@@ -493,7 +494,7 @@ def relion(
 def relion_main() -> None:
     """``cryopick-relion``: the External job command alone, for RELION's 'External executable' field."""
     single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    single.command(context_settings=RELION_CONTEXT, help=RELION_HELP)(relion)
+    single.command(cls=Command, context_settings=RELION_CONTEXT, help=RELION_HELP)(relion)
     single()
 
 

@@ -9,6 +9,7 @@ import threading
 from typing import Callable
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from cryopick.errors import CryopickError
 
@@ -95,3 +96,23 @@ def _terminate_as_interrupt():
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGTERM, interrupt)
+
+
+class Command(TyperCommand):
+    """Typer's command whose --help shows no value placeholder (click ≥ 8.3 renders one as '<bool>')."""
+
+    def get_help_option(self, ctx):
+        return _without_metavar(super().get_help_option(ctx))
+
+
+class Group(TyperGroup):
+    """Typer's group whose --help shows no value placeholder (see ``Command``)."""
+
+    def get_help_option(self, ctx):
+        return _without_metavar(super().get_help_option(ctx))
+
+
+def _without_metavar(option):
+    if option is not None:
+        option.metavar = ""
+    return option
