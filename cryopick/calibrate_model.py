@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from cryopick.calibrate import Calibration, default_cut, default_threshold, fit_calibration
-from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, naming, preprocess_from_checkpoint
+from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.dataset import load_labeled_micrographs
-from cryopick.errors import CryopickError
+from cryopick.errors import CryopickError, naming
 from cryopick.fsutil import save_torch_atomic
 from cryopick.inference import DenseScorer
 from cryopick.metrics import auc_standard_error, pu_corrected_auc

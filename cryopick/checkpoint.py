@@ -6,9 +6,8 @@ the resolved training config, the dataset's preprocessing record, the code versi
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -94,13 +93,3 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> PatchClassifier:
 def preprocess_from_checkpoint(ckpt: dict) -> PreprocessRecord:
     return PreprocessRecord.from_dict(ckpt.get("preprocess"), remedy="use a checkpoint written by cryopick train")
 
-
-@contextmanager
-def naming(path: str | Path) -> Iterator[None]:
-    """Errors raised while using the checkpoint at ``path`` (its model, record, calibration) name the file."""
-    try:
-        yield
-    except CryopickError as exc:
-        if str(exc).startswith(str(path)):
-            raise
-        raise CryopickError(f"{path}: {exc}") from None

@@ -396,7 +396,8 @@ def _match_radius(radius_px, diameter, pixel_size, model) -> float:
     if radius_px is not None:
         return radius_px
     if model is not None:
-        from cryopick.checkpoint import load_checkpoint, naming, preprocess_from_checkpoint
+        from cryopick.checkpoint import load_checkpoint, preprocess_from_checkpoint
+        from cryopick.errors import naming
 
         ckpt = load_checkpoint(model)
         with naming(model):

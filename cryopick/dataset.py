@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from cryopick import __version__
 from cryopick.data import PatchDataset, SplitData
-from cryopick.errors import CryopickError
+from cryopick.errors import CryopickError, naming
 from cryopick.fsutil import load_torch_weights, save_torch_atomic, write_json_atomic
 from cryopick.preprocessing import PreprocessRecord
 
@@ -256,14 +256,11 @@ def load_dataset(path: str | Path) -> PatchDataset:
         raise CryopickError(f"{manifest_path}: dataset format {version} is not supported "
                             f"(expected {DATASET_FORMAT}){why}; re-run extract with --overwrite")
     try:
-        return _load_from_manifest(path, manifest)
+        with naming(manifest_path, within=path):  # a chunk's own error already names the chunk
+            return _load_from_manifest(path, manifest)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         what = f"missing entry {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
         raise CryopickError(f"{manifest_path}: damaged manifest ({what}); re-run extract with --overwrite") from None
-    except CryopickError as exc:
-        if str(exc).startswith(str(path)):
-            raise
-        raise CryopickError(f"{manifest_path}: {exc}") from None
 
 
 def _load_from_manifest(path: Path, manifest: dict) -> PatchDataset:

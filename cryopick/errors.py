@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 class CryopickError(Exception):
@@ -16,3 +18,15 @@ class InputFileError(CryopickError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+@contextmanager
+def naming(path: str | Path, within: str | Path | None = None) -> Iterator[None]:
+    """CryopickErrors raised in the block name ``path`` in front, unless they already name ``within`` (default:
+    ``path``) or a file under it: errors about a checkpoint's record or calibration, a manifest's entries."""
+    try:
+        yield
+    except CryopickError as exc:
+        if str(exc).startswith(str(within if within is not None else path)):
+            raise
+        raise CryopickError(f"{path}: {exc}") from None

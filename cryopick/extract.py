@@ -223,17 +223,19 @@ def _usable_sizes(entries: list[MicrographEntry], shapes: list, labels: dict, tr
     if not keep:
         raise CryopickError(f"every micrograph is too small at bin ×{factor:g} (e.g. {reason}); "
                             f"check --diameter ({config.diameter:g} Å), --bin and --target-pixel-size")
-    renumber = {old: new for new, old in enumerate(keep)}
-    labels = {renumber[k]: v for k, v in labels.items() if k in renumber}
-    truth = None if truth is None else {renumber[k]: v for k, v in truth.items() if k in renumber}
+    entries, shapes, labels, truth = _subset(keep, entries, shapes, labels, truth)
     if sum(len(df) for df in labels.values()) == 0:
         raise CryopickError("no labeled coordinate is on a micrograph large enough to use (listed above)")
-    return [entries[k] for k in keep], [shapes[k] for k in keep], labels, truth
+    return entries, shapes, labels, truth
 
 
 def _labeled_only(entries: list[MicrographEntry], shapes: list, labels: dict, truth: dict | None):
     """The micrographs with labels only (entries, shapes, labels and truth renumbered)."""
-    keep = [k for k in range(len(entries)) if len(labels.get(k, ())) > 0]
+    return _subset([k for k in range(len(entries)) if len(labels.get(k, ())) > 0], entries, shapes, labels, truth)
+
+
+def _subset(keep: list[int], entries: list[MicrographEntry], shapes: list, labels: dict, truth: dict | None):
+    """Micrographs ``keep`` (indices) of entries and shapes, with labels and truth renumbered to match."""
     renumber = {old: new for new, old in enumerate(keep)}
     labels = {renumber[k]: v for k, v in labels.items() if k in renumber}
     truth = None if truth is None else {renumber[k]: v for k, v in truth.items() if k in renumber}

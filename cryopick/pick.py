@@ -20,11 +20,11 @@ import torch
 from rich.table import Table
 
 from cryopick.calibrate import Calibration, default_cut
-from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, naming, preprocess_from_checkpoint
+from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from cryopick.config import DEFAULT_THRESHOLD, PickConfig, dump_yaml, validate
 from cryopick.dataset import fits_edge_padding
 from cryopick.device import resolve_device
-from cryopick.errors import CryopickError, InputFileError
+from cryopick.errors import CryopickError, InputFileError, naming
 from cryopick.fsutil import check_output_dir, discard_dir, safe_join, write_text_atomic
 from cryopick.inference import DenseScorer, LoadedMicrograph, LoadFailure, iter_batches, iter_loaded
 from cryopick.io.micrographs import find_micrographs

@@ -127,6 +127,7 @@ class Run:
     sampler: PUBatchSampler
     gen: torch.Generator  # the augmentation stream
     held_out: list[dict] = field(default_factory=list)  # dense: labeled micrographs with their held-out labels
+    dataset_fingerprint: str = ""  # dataset.dataset_fingerprint: what --resume checks the dataset's content by
     ddp_model: torch.nn.Module | None = None
     forward: torch.nn.Module | None = None  # ddp_model, compiled where asked
     rng_snapshot: tuple | None = None  # the random streams at the start of the step in flight
@@ -166,7 +167,7 @@ class Run:
             "teacher": self.teacher.state_dict() if self.teacher else None,
             **rng_state_dict(self.gen),
             "prior": self.prior,
-            "dataset": {"fingerprint": dataset_fingerprint(self.config.data.data_dir)},
+            "dataset": {"fingerprint": self.dataset_fingerprint},
         }
 
 
@@ -254,7 +255,8 @@ def build_run(config: TrainConfig, exp_dir: Path, quiet: bool) -> Run:
     gen = torch.Generator(device=device).manual_seed(config.train.seed * 7919 + dist.rank)
     return Run(config, exp_dir, dist, device, dataset, prior, shift_px, channels_last,
                autocast_factory(config.train.amp and on_cuda), model, teacher, optimizer, train_data,
-               _on(validation_subset(dataset.val, val_budget), device), val_budget, sampler, gen, held_out)
+               _on(validation_subset(dataset.val, val_budget), device), val_budget, sampler, gen, held_out,
+               dataset_fingerprint=dataset_fingerprint(config.data.data_dir))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,7 +509,7 @@ def _monitored_se(key: str, row: dict) -> float:
 
 def _dataset_identity(run: Run) -> dict:
     """What ``--resume`` checks the dataset by: its preprocessing record and content fingerprint."""
-    return {**run.dataset.record.to_dict(), "fingerprint": dataset_fingerprint(run.config.data.data_dir)}
+    return {**run.dataset.record.to_dict(), "fingerprint": run.dataset_fingerprint}
 
 
 def _mapping(value) -> dict:

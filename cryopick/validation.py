@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryopick.checkpoint import load_checkpoint, model_from_checkpoint, naming
+from cryopick.checkpoint import load_checkpoint, model_from_checkpoint
 from cryopick.data import SplitData
 from cryopick.dataset import load_dataset
 from cryopick.device import autocast_factory, resolve_device, to_input
-from cryopick.errors import CryopickError
+from cryopick.errors import CryopickError, naming
 from cryopick.metrics import binary_metrics, pu_corrected_auc
 from cryopick.preprocessing import PreprocessRecord
 from cryopick.progress import warn
